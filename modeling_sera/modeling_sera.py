@@ -1,0 +1,438 @@
+"""PyTorch SERA: referring image segmentation with spatio-semantic expert routing.
+
+Data flows one way: image + expression -> encoders (with SERA-Adapters inside the vision blocks) -> level grids ->
+SERA-Fusion -> neck -> decoder -> projector -> mask logits.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from transformers import AutoConfig, AutoModel, CLIPTextModelWithProjection, CLIPVisionModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from .configuration_sera import SeraConfig
+from .sera_adapter import SeraAdaptedMLP, SeraAdapter, SeraVisionContext
+from .sera_fusion import SeraFusion, SeraFusionSpatialExpert
+from .sera_head import SeraDecoder, SeraNeck, SeraProjector
+from .sera_routing import router_balance_loss, router_entropy_loss, router_z_loss
+
+
+logger = logging.get_logger(__name__)
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_sera.SeraConfig",
+    "AutoModel": "modeling_sera.SeraForReferringSegmentation",
+    "AutoModelForImageSegmentation": "modeling_sera.SeraForReferringSegmentation",
+}
+
+
+@dataclass
+class SeraModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_size, height, width)`):
+        Decoded multimodal grid at the vision patch resolution.
+    sentence_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        Projected sentence feature (the text tower's EOT token).
+    adapter_router_weights (`tuple(torch.FloatTensor)`):
+        One `(batch_size, 2)` tensor per adapted vision block: soft weights of the [spatial, boundary] experts.
+    fusion_router_weights (`tuple(torch.FloatTensor)`):
+        One `(batch_size, 4)` tensor per fused level: weights of the [spatial, context, boundary, shape] experts,
+        zero for the experts outside the sample's top-K.
+    fusion_router_logits (`tuple(torch.FloatTensor)`):
+        The clean (noise-free) router logits matching `fusion_router_weights`.
+    vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        The level grids `(batch_size, vision_width, height, width)` after SERA-Fusion, when `output_hidden_states`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    sentence_embeds: torch.FloatTensor | None = None
+    adapter_router_weights: tuple[torch.FloatTensor, ...] | None = None
+    fusion_router_weights: tuple[torch.FloatTensor, ...] | None = None
+    fusion_router_logits: tuple[torch.FloatTensor, ...] | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class SeraReferringSegmentationOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+        `mask_loss + router_z_loss + router_balance_loss + router_entropy_loss`.
+    logits (`torch.FloatTensor` of shape `(batch_size, 1, height, width)`):
+        Mask logits over the whole letterboxed input at 1/4 of its resolution; the processor's
+        `post_process_referring_segmentation` maps them back to the original image.
+    mask_loss (`torch.FloatTensor`, *optional*):
+        Binary cross-entropy with logits against the labels resized to the logits' resolution.
+    router_z_loss, router_balance_loss, router_entropy_loss (`torch.FloatTensor`, *optional*):
+        The weighted MoE regularizers of the SERA-Fusion routers (zero without SERA-Fusion), in training mode.
+    adapter_router_weights, fusion_router_weights, fusion_router_logits, vision_hidden_states:
+        See [`SeraModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    mask_loss: torch.FloatTensor | None = None
+    router_z_loss: torch.FloatTensor | None = None
+    router_balance_loss: torch.FloatTensor | None = None
+    router_entropy_loss: torch.FloatTensor | None = None
+    adapter_router_weights: tuple[torch.FloatTensor, ...] | None = None
+    fusion_router_weights: tuple[torch.FloatTensor, ...] | None = None
+    fusion_router_logits: tuple[torch.FloatTensor, ...] | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def vision_blocks(vision_model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a DINOv2 (with or without registers) or CLIP vision tower."""
+    encoder = vision_model.encoder
+    for attribute in ("layer", "layers"):  # DINOv2 names them `layer`, CLIP `layers`
+        if isinstance(getattr(encoder, attribute, None), nn.ModuleList):
+            return getattr(encoder, attribute)
+    raise TypeError(f"Cannot find the transformer blocks of {type(vision_model).__name__}.")
+
+
+def build_vision_model(vision_config) -> nn.Module:
+    if vision_config.model_type == "clip_vision_model":
+        return CLIPVisionModel(vision_config)
+    return AutoModel.from_config(vision_config)
+
+
+class SeraPreTrainedModel(PreTrainedModel):
+    config: SeraConfig
+    config_class = SeraConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["SeraFusion", "SeraDecoderLayer", "SeraAdaptedMLP"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # The encoders are sub-models and initialise themselves (SERA-Adapters inside them included).
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, SeraFusionSpatialExpert):
+            init.constant_(module.scale, module.initial_scale)
+
+
+class SeraModel(SeraPreTrainedModel):
+    """Encoders, SERA-Adapters, SERA-Fusion, neck and decoder: everything up to the mask projector."""
+
+    def __init__(self, config: SeraConfig):
+        super().__init__(config)
+        self.vision_model = build_vision_model(config.vision_config)
+        self.text_model = CLIPTextModelWithProjection(config.text_config)
+        vision_width = config.vision_config.hidden_size
+        text_width = config.text_config.hidden_size
+        sentence_dim = config.text_config.projection_dim or text_width
+
+        if config.use_sera_adapter:
+            blocks = vision_blocks(self.vision_model)
+            for index in config.adapter_layers:
+                adapter = SeraAdapter(
+                    vision_width,
+                    text_width,
+                    dim=config.adapter_dim,
+                    num_heads=config.adapter_num_heads,
+                    boundary_residual_scale=config.adapter_boundary_residual_scale,
+                    spatial_residual_scale=config.adapter_spatial_residual_scale,
+                    spatial_expert_weight=config.adapter_spatial_expert_weight,
+                    boundary_expert_weight=config.adapter_boundary_expert_weight,
+                    mask_padding=config.adapter_mask_padding,
+                )
+                blocks[index].mlp = SeraAdaptedMLP(blocks[index].mlp, adapter, config.adapter_scale)
+
+        self.fusion = nn.ModuleDict()
+        if config.use_sera_fusion:
+            for level in config.fusion_levels:
+                self.fusion[str(level)] = SeraFusion(
+                    vision_width,
+                    router_hidden_size=config.fusion_router_hidden_size,
+                    top_k=config.fusion_top_k,
+                    router_noise_std=config.fusion_router_noise_std,
+                    spatial_init=config.fusion_spatial_init,
+                    context_num_heads=config.fusion_context_num_heads,
+                    context_mlp_ratio=config.fusion_context_mlp_ratio,
+                )
+
+        self.word_proj = nn.Linear(text_width, config.hidden_size) if text_width != config.hidden_size else nn.Identity()
+        self.neck = SeraNeck([vision_width] * len(config.vision_feature_layers), sentence_dim, config.hidden_size)
+        self.decoder = SeraDecoder(
+            config.hidden_size,
+            config.decoder_num_layers,
+            config.decoder_num_heads,
+            config.decoder_intermediate_size,
+            config.decoder_dropout,
+        )
+        self.post_init()
+
+    def adapted_mlps(self) -> list[SeraAdaptedMLP]:
+        """Every module in the vision tower that needs the words; found each call, since PEFT can inject them."""
+        return [module for module in self.vision_model.modules() if hasattr(module, "set_vision_context")]
+
+    def _check_inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> None:
+        if pixel_values is None or input_ids is None:
+            raise ValueError("SERA needs both pixel_values and input_ids; build them with SeraProcessor.")
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
+        patch = self.config.vision_patch_size
+        if pixel_values.shape[-2] % patch or pixel_values.shape[-1] % patch:
+            raise ValueError(
+                f"pixel_values height and width {tuple(pixel_values.shape[-2:])} must be multiples of the patch "
+                f"size {patch}; SeraProcessor letterboxes images to {self.config.image_size}."
+            )
+        if input_ids.ndim != 2 or input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"input_ids must have shape (batch, length) with the batch of pixel_values ({pixel_values.shape[0]}), "
+                f"got {tuple(input_ids.shape)}: give one expression per image."
+            )
+
+    def _vision_levels(self, vision_outputs, grid_height: int, grid_width: int) -> list[torch.Tensor]:
+        """Level grids (B, C, H, W) after the configured block counts; the last after the final norm."""
+        hidden_states = vision_outputs.hidden_states  # embeddings output, then one entry per block
+        depth = self.config.num_vision_layers
+        num_special = self.config.num_special_vision_tokens
+        levels = []
+        for blocks_passed in self.config.vision_feature_layers:
+            if blocks_passed == depth:
+                tokens = vision_outputs.last_hidden_state
+                if isinstance(self.vision_model, CLIPVisionModel):  # CLIP normalises only its pooled token
+                    tokens = self.vision_model.post_layernorm(tokens)
+            else:
+                tokens = hidden_states[blocks_passed]
+            patches = tokens[:, num_special:]
+            levels.append(patches.transpose(1, 2).reshape(patches.shape[0], -1, grid_height, grid_width))
+        return levels
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SeraModelOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_inputs(pixel_values, input_ids)
+        pixel_values = pixel_values.to(self.dtype)
+
+        text_outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        word_states = text_outputs.last_hidden_state
+        sentence = text_outputs.text_embeds
+
+        patch = self.config.vision_patch_size
+        grid_height, grid_width = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+        adapted = self.adapted_mlps()
+        context = SeraVisionContext(
+            word_states=word_states,
+            word_mask=attention_mask,
+            grid_height=grid_height,
+            grid_width=grid_width,
+            num_special_tokens=self.config.num_special_vision_tokens,
+        )
+        for module in adapted:
+            module.set_vision_context(context)
+        vision_outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+        adapter_router_weights = tuple(module.router_weights for module in adapted)
+
+        levels = self._vision_levels(vision_outputs, grid_height, grid_width)
+        fusion_weights, fusion_logits = [], []
+        for index in range(len(levels)):
+            if str(index) in self.fusion:
+                levels[index], decision = self.fusion[str(index)](levels[index])
+                fusion_weights.append(decision.weights)
+                fusion_logits.append(decision.logits)
+
+        grid = self.neck(levels, sentence)
+        grid = self.decoder(grid, self.word_proj(word_states), attention_mask)
+
+        output = SeraModelOutput(
+            last_hidden_state=grid,
+            sentence_embeds=sentence,
+            adapter_router_weights=adapter_router_weights,
+            fusion_router_weights=tuple(fusion_weights),
+            fusion_router_logits=tuple(fusion_logits),
+            vision_hidden_states=tuple(levels) if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class SeraForReferringSegmentation(SeraPreTrainedModel):
+    """SERA with its dynamic-kernel mask projector and training loss.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from transformers import AutoModel, AutoProcessor
+
+    >>> model = AutoModel.from_pretrained("org/sera-refcoco", trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained("org/sera-refcoco", trust_remote_code=True)
+    >>> inputs = processor(images=[Image.open("dogs.jpg")], text=["the dog on the left"], return_tensors="pt")
+    >>> outputs = model(**inputs)
+    >>> result = processor.post_process_referring_segmentation(outputs, target_sizes=inputs["original_sizes"])[0]
+    >>> result["mask"].shape  # the original image's (height, width)
+    ```
+    """
+
+    def __init__(self, config: SeraConfig):
+        super().__init__(config)
+        # Record every Auto class we answer to: save_pretrained alone would only record the one we were saved as.
+        config.auto_map = {**AUTO_MAP, **(getattr(config, "auto_map", None) or {})}
+        self.model = SeraModel(config)
+        sentence_dim = config.text_config.projection_dim or config.text_config.hidden_size
+        self.projector = SeraProjector(
+            config.hidden_size, config.projector_dim, sentence_dim, config.projector_kernel_size
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        labels: torch.FloatTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SeraReferringSegmentationOutput | tuple:
+        r"""
+        labels (`torch.FloatTensor` of shape `(batch_size, height, width)`, *optional*):
+            Ground-truth masks in [0, 1], letterboxed like `pixel_values` at its resolution (the processor's
+            `labels` when given `masks=`). They are area-resized to the logits' resolution for the loss.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.projector(outputs.last_hidden_state, outputs.sentence_embeds)
+
+        loss = mask_loss = z_loss = balance_loss = entropy_loss = None
+        if labels is not None:
+            mask_loss = self.mask_loss(logits, labels)
+            z_loss, balance_loss, entropy_loss = self.router_losses(outputs.fusion_router_logits, outputs.fusion_router_weights)
+            loss = mask_loss + z_loss + balance_loss + entropy_loss
+
+        output = SeraReferringSegmentationOutput(
+            loss=loss,
+            logits=logits,
+            mask_loss=mask_loss,
+            router_z_loss=z_loss,
+            router_balance_loss=balance_loss,
+            router_entropy_loss=entropy_loss,
+            adapter_router_weights=outputs.adapter_router_weights,
+            fusion_router_weights=outputs.fusion_router_weights,
+            fusion_router_logits=outputs.fusion_router_logits,
+            vision_hidden_states=outputs.vision_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def freeze_encoders(self, train_norms_and_biases: bool = True) -> None:
+        """The paper's regime: freeze both encoders except their LayerNorm and bias terms (and the SERA-Adapters
+        that live inside the vision blocks); everything else (fusion, neck, decoder, projector) stays trainable."""
+        for encoder in (self.model.vision_model, self.model.text_model):
+            for module_name, module in encoder.named_modules():
+                is_norm = isinstance(module, nn.LayerNorm)
+                for param_name, param in module.named_parameters(recurse=False):
+                    full_name = f"{module_name}.{param_name}"
+                    in_adapter = "sera_adapter" in full_name
+                    is_norm_or_bias = is_norm or param_name == "bias"
+                    param.requires_grad_(in_adapter or (train_norms_and_biases and is_norm_or_bias))
+
+    @staticmethod
+    def mask_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.ndim == 4 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"labels must have shape (batch, height, width) with batch {logits.shape[0]}, got "
+                f"{tuple(labels.shape)}; build them with SeraProcessor(..., masks=...)."
+            )
+        targets = F.interpolate(labels[:, None].to(logits.dtype), size=logits.shape[-2:], mode="area")
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+    def router_losses(self, logits, weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weighted MoE regularizers averaged over the fused levels; zeros in eval mode or without SERA-Fusion."""
+        zero = self.projector.kernel_generator.weight.new_zeros((), dtype=torch.float32)
+        if not logits or not self.training:
+            return zero, zero, zero
+        config = self.config
+        z_loss = torch.stack([router_z_loss(level) for level in logits]).mean() * config.router_z_loss_weight
+        balance = torch.stack([router_balance_loss(level) for level in weights]).mean()
+        entropy = torch.stack([router_entropy_loss(level) for level in weights]).mean()
+        return z_loss, balance * config.router_balance_loss_weight, entropy * config.router_entropy_loss_weight
+
+    @classmethod
+    def from_encoders(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        return_processor: bool = False,
+        **config_kwargs,
+    ):
+        """Assemble SERA around pretrained encoders (Hub ids or local folders); SERA's own modules start fresh.
+
+        `config_kwargs` set any [`SeraConfig`] field. With `return_processor=True` also returns a [`SeraProcessor`]
+        made of the text model's tokenizer and the vision model's normalisation.
+        """
+        vision_config = AutoConfig.from_pretrained(vision_model_name_or_path)
+        if vision_config.model_type == "clip":
+            vision_config = vision_config.vision_config
+        text_config = AutoConfig.from_pretrained(text_model_name_or_path)
+        if text_config.model_type == "clip":
+            text_config = text_config.text_config
+        config = SeraConfig(vision_config=vision_config, text_config=text_config, **config_kwargs)
+        model = cls(config)
+
+        if vision_config.model_type == "clip_vision_model":
+            vision = CLIPVisionModel.from_pretrained(vision_model_name_or_path)
+        else:
+            vision = AutoModel.from_pretrained(vision_model_name_or_path)
+        text = CLIPTextModelWithProjection.from_pretrained(text_model_name_or_path)
+        load_encoder_weights(model.model.vision_model, vision)
+        load_encoder_weights(model.model.text_model, text)
+        logger.info(f"Loaded encoder weights from {vision_model_name_or_path} and {text_model_name_or_path}.")
+        if not return_processor:
+            return model
+        from .processing_sera import SeraProcessor
+
+        processor = SeraProcessor.from_encoders(
+            vision_model_name_or_path,
+            text_model_name_or_path,
+            image_size=config.image_size,
+            max_text_length=config.max_text_length,
+            mask_threshold=config.mask_threshold,
+        )
+        return model, processor
+
+
+def load_encoder_weights(target: nn.Module, source: nn.Module) -> None:
+    """Copy a pretrained encoder's weights into SERA's copy of it, whose adapted blocks wrap `mlp` as
+    `mlp.base_layer`. Fails loudly if any pretrained tensor finds no home or any encoder tensor stays unloaded."""
+    target_state = target.state_dict()
+    plain_to_target = {key.replace(".base_layer.", "."): key for key in target_state if "sera_adapter" not in key}
+    source_state = source.state_dict()
+    unexpected = [key for key in source_state if key not in plain_to_target]
+    missing = [key for key in plain_to_target if key not in source_state]
+    if unexpected or missing:
+        raise ValueError(
+            f"The pretrained {type(source).__name__} does not match SERA's encoder: unexpected {unexpected[:5]}, "
+            f"missing {missing[:5]}. Check that the checkpoint is the architecture named in its config."
+        )
+    remapped = {plain_to_target[key]: value for key, value in source_state.items()}
+    target.load_state_dict(remapped, strict=False)
+
+
+__all__ = ["SeraModel", "SeraForReferringSegmentation", "SeraPreTrainedModel", "SeraModelOutput", "SeraReferringSegmentationOutput"]

@@ -1,0 +1,374 @@
+"""SeraConfig / SeraModel / SeraForReferringSegmentation: shapes, losses, ablation switches, loading, dtypes."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_batch, tiny_sera_config
+
+from modeling_sera import SeraConfig, SeraForReferringSegmentation
+from modeling_sera.sera_fusion import FUSION_EXPERT_NAMES
+
+
+def build(seed: int = 0, **overrides) -> SeraForReferringSegmentation:
+    torch.manual_seed(seed)
+    return SeraForReferringSegmentation(tiny_sera_config(**overrides))
+
+
+def test_forward_shapes_and_router_outputs(tiny_config):
+    model = SeraForReferringSegmentation(tiny_config).eval()
+    batch = tiny_batch(3)
+    with torch.no_grad():
+        outputs = model(**batch, output_hidden_states=True)
+    grid = tiny_config.vision_grid_size
+    assert outputs.logits.shape == (3, 1, 4 * grid, 4 * grid)
+    assert outputs.loss is None
+    assert len(outputs.adapter_router_weights) == len(tiny_config.adapter_layers)
+    for weights in outputs.adapter_router_weights:
+        assert weights.shape == (3, 2)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(3))
+    assert len(outputs.fusion_router_weights) == len(tiny_config.fusion_levels)
+    for weights in outputs.fusion_router_weights:
+        assert weights.shape == (3, len(FUSION_EXPERT_NAMES))
+        torch.testing.assert_close(weights.sum(-1), torch.ones(3))
+    assert [level.shape for level in outputs.vision_hidden_states] == [(3, 32, grid, grid)] * 3
+
+
+def test_loss_components_add_up_and_regularizers_only_train():
+    model = build(router_z_loss_weight=0.5, router_balance_loss_weight=0.5, router_entropy_loss_weight=0.5)
+    batch = tiny_batch(4)
+    labels = (torch.rand(4, 32, 32) > 0.5).float()
+    model.train()
+    outputs = model(**batch, labels=labels)
+    parts = outputs.mask_loss + outputs.router_z_loss + outputs.router_balance_loss + outputs.router_entropy_loss
+    torch.testing.assert_close(outputs.loss, parts)
+    assert outputs.router_entropy_loss > 0 and outputs.router_z_loss > 0
+    model.eval()
+    with torch.no_grad():
+        outputs = model(**batch, labels=labels)
+    assert outputs.router_z_loss == 0 and outputs.router_balance_loss == 0 and outputs.router_entropy_loss == 0
+    torch.testing.assert_close(outputs.loss, outputs.mask_loss)
+
+
+def test_mask_loss_matches_bce_at_logit_resolution():
+    model = build().eval()
+    batch = tiny_batch(2)
+    labels = torch.zeros(2, 64, 64)  # labels at twice the logits' resolution are area-averaged down
+    labels[:, 8:25, 4:16] = 1.0
+    with torch.no_grad():
+        outputs = model(**batch, labels=labels)
+    targets = torch.nn.functional.avg_pool2d(labels[:, None], 2)
+    assert ((targets > 0) & (targets < 1)).any()  # soft targets on the rectangle's odd edge
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(outputs.logits, targets)
+    torch.testing.assert_close(outputs.mask_loss, expected)
+
+
+@pytest.mark.parametrize(
+    "switches, has_adapter, has_fusion",
+    [
+        (dict(use_sera_adapter=False, use_sera_fusion=False), False, False),  # the paper's baseline
+        (dict(use_sera_adapter=True, use_sera_fusion=False), True, False),
+        (dict(use_sera_adapter=True, use_sera_fusion=True), True, True),
+        (dict(use_sera_adapter=False, use_sera_fusion=True), False, True),
+    ],
+)
+def test_ablation_switches_change_the_parameter_set(switches, has_adapter, has_fusion):
+    model = build(**switches).eval()
+    names = {name for name, _ in model.named_parameters()}
+    baseline_names = {name for name, _ in build(use_sera_adapter=False, use_sera_fusion=False).named_parameters()}
+    adapter_names = {name for name in names if "sera_adapter" in name}
+    fusion_names = {name for name in names if name.startswith("model.fusion.")}
+    assert bool(adapter_names) == has_adapter
+    assert bool(fusion_names) == has_fusion
+    if has_adapter:  # one adapter per configured block, wrapped around the block's own MLP
+        blocks = {int(name.split("encoder.layer.")[1].split(".")[0]) for name in adapter_names}
+        assert blocks == {1, 3}
+    # Switching SERA off removes exactly its modules; the encoders' own weights keep their names.
+    plain = {name.replace(".base_layer.", ".") for name in names - adapter_names - fusion_names}
+    assert plain == baseline_names
+    with torch.no_grad():
+        outputs = model(**tiny_batch(2))
+    assert outputs.logits.shape == (2, 1, 32, 32)
+    assert len(outputs.adapter_router_weights) == (2 if has_adapter else 0)
+    assert len(outputs.fusion_router_weights) == (3 if has_fusion else 0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4])
+def test_fusion_top_k_keeps_k_experts_per_sample(top_k):
+    model = build(fusion_top_k=top_k, fusion_router_noise_std=1.0)
+    batch = tiny_batch(4)
+    for training in (True, False):
+        model.train(training)
+        outputs = model(**batch, labels=torch.rand(4, 32, 32))
+        for weights in outputs.fusion_router_weights:
+            assert ((weights > 0).sum(-1) == top_k).all()
+            torch.testing.assert_close(weights.sum(-1), torch.ones(4))
+        outputs.loss.backward()
+
+
+def test_top_k_below_four_equals_dense_mixture_of_the_kept_experts():
+    """Running experts only on the samples that chose them must equal mixing all experts with zero weights."""
+    model = build(fusion_top_k=2).eval()
+    fusion = model.model.fusion["0"]
+    grid = torch.randn(5, 32, 8, 8)
+    with torch.no_grad():
+        sparse_output, decision = fusion(grid)
+        dense = sum(
+            decision.weights[:, i, None, None, None] * fusion.experts[name](grid)
+            for i, name in enumerate(FUSION_EXPERT_NAMES)
+        )
+    torch.testing.assert_close(sparse_output, dense)
+
+
+def test_router_noise_only_in_training():
+    model = build(fusion_top_k=2, fusion_router_noise_std=5.0)
+    batch = tiny_batch(4)
+    model.eval()
+    with torch.no_grad():
+        first = model(**batch).fusion_router_weights[0]
+        second = model(**batch).fusion_router_weights[0]
+    torch.testing.assert_close(first, second)
+    model.train()
+    torch.manual_seed(0)
+    noisy = [model(**batch).fusion_router_weights[0].detach() for _ in range(3)]
+    assert not all(torch.equal(noisy[0], other) for other in noisy[1:])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(adapter_layers=[1, 7]), "do not exist in the 4-block vision backbone"),
+        (dict(adapter_layers=[-1]), "do not exist"),
+        (dict(fusion_top_k=5), "fusion_top_k"),
+        (dict(fusion_top_k=0), "fusion_top_k"),
+        (dict(vision_feature_layers=[2, 3]), "vision_feature_layers"),
+        (dict(vision_feature_layers=[3, 2, 4]), "vision_feature_layers"),
+        (dict(fusion_levels=[3]), "fusion_levels"),
+        (dict(image_size=30), "multiple of the vision patch size"),
+        (dict(max_text_length=40), "max_position_embeddings"),
+        (dict(mask_threshold=1.5), "mask_threshold"),
+        (dict(vision_config=dict(model_type="vit")), "not supported"),
+    ],
+)
+def test_invalid_config_raises_value_error_naming_the_setting(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_sera_config(**overrides)
+
+
+def test_disabled_modules_skip_validation_of_their_settings():
+    config = tiny_sera_config(use_sera_adapter=False, adapter_layers=[99], use_sera_fusion=False, fusion_top_k=9)
+    assert config.adapter_layers == [99]
+
+
+def test_bad_tensor_inputs_raise_clear_errors(tiny_config):
+    model = SeraForReferringSegmentation(tiny_config).eval()
+    batch = tiny_batch(2)
+    with pytest.raises(ValueError, match="one expression per image"):
+        model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"][:1])
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        model(pixel_values=torch.randn(2, 3, 30, 30), input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match=r"\(batch, 3, height, width\)"):
+        model(pixel_values=torch.randn(2, 1, 32, 32), input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(**batch, labels=torch.zeros(2, 2, 2, 32, 32))
+
+
+def test_config_round_trip_keeps_every_sera_setting(tmp_path):
+    config = tiny_sera_config(fusion_top_k=3, adapter_scale=0.5, router_entropy_loss_weight=0.0)
+    config.save_pretrained(tmp_path)
+    reloaded = SeraConfig.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == config.to_dict()
+    assert reloaded.vision_config.model_type == "dinov2_with_registers"
+
+
+def test_default_config_is_the_papers_real_size_model():
+    config = SeraConfig()
+    assert config.vision_config.model_type == "dinov2_with_registers"
+    assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (768, 12)
+    assert (config.vision_config.patch_size, config.vision_config.num_register_tokens) == (14, 4)
+    assert config.image_size == 448 and config.vision_grid_size == 32
+    assert (config.text_config.hidden_size, config.text_config.projection_dim) == (512, 512)
+    assert config.adapter_layers == [1, 3, 5, 7, 9, 11] and config.fusion_top_k == 4
+    assert SeraConfig.from_pretrained(REPO_ROOT / "hub_configs" / "sera-refcoco").to_dict()["adapter_dim"] == 128
+
+
+@pytest.mark.parametrize(
+    "vision_config",
+    [
+        dict(model_type="dinov2", hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2,
+             patch_size=4, image_size=32),
+        dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+             num_attention_heads=2, patch_size=4, image_size=32),
+    ],
+)
+def test_other_vision_backbones(vision_config):
+    model = build(vision_config=vision_config).eval()
+    assert model.config.num_special_vision_tokens == 1
+    with torch.no_grad():
+        outputs = model(**tiny_batch(2))
+    assert outputs.logits.shape == (2, 1, 32, 32)
+    assert len(outputs.adapter_router_weights) == 2
+
+
+def test_freeze_encoders_leaves_norms_biases_adapters_and_head_trainable():
+    model = build()
+    model.freeze_encoders()
+    for name, param in model.named_parameters():
+        in_encoder = name.startswith(("model.vision_model.", "model.text_model."))
+        expected = (
+            not in_encoder
+            or "sera_adapter" in name
+            or name.endswith(".bias")
+            or any(norm in name for norm in ("norm1.", "norm2.", "layernorm.", "layer_norm", "final_layer_norm"))
+        )
+        assert param.requires_grad == expected, name
+    frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
+    assert any("attention.q_proj.weight" in name for name in frozen)
+    assert any("embeddings.patch_embeddings.projection.weight" in name for name in frozen)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = tiny_batch(2)
+    labels = torch.rand(2, 32, 32)
+    gradients = []
+    for checkpointing in (False, True):
+        model = build(seed=1, fusion_router_noise_std=0.0)
+        model.freeze_encoders()
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.model.vision_model.encoder.layer[0].gradient_checkpointing
+            assert model.model.decoder.layers[0].gradient_checkpointing
+        model(**batch, labels=labels).loss.backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[0][name], gradients[1][name], msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_run_and_stay_close(dtype):
+    model = build().eval()
+    batch = tiny_batch(2)
+    with torch.no_grad():
+        reference = model(**batch).logits
+        half = model.to(dtype)(**batch).logits
+    assert half.dtype == dtype
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), reference, atol=0.1, rtol=0.1)
+
+
+def test_sdpa_and_eager_encoders_agree():
+    batch = tiny_batch(2)
+    logits = []
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        config = tiny_sera_config()
+        model = SeraForReferringSegmentation._from_config(config, attn_implementation=implementation).eval()
+        assert model.model.vision_model.config._attn_implementation == implementation
+        with torch.no_grad():
+            logits.append(model(**batch).logits)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-4)
+
+
+def test_save_and_load_in_process(tmp_path):
+    model = build().eval()
+    batch = tiny_batch(2)
+    model.save_pretrained(tmp_path)
+    reloaded = SeraForReferringSegmentation.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+
+
+def test_remote_code_load_in_a_fresh_process_without_the_package(tmp_path):
+    """A saved folder must load through AutoModel and AutoModelForImageSegmentation with trust_remote_code alone."""
+    model = build().eval()
+    batch = tiny_batch(2)
+    with torch.no_grad():
+        reference = model(**batch).logits
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_sera.SeraForReferringSegmentation"
+    assert config["auto_map"]["AutoModelForImageSegmentation"] == "modeling_sera.SeraForReferringSegmentation"
+    for name in ("modeling_sera.py", "configuration_sera.py", "sera_adapter.py", "sera_fusion.py", "sera_head.py"):
+        assert (model_dir / name).is_file(), name
+    torch.save({"batch": batch, "reference": reference}, tmp_path / "expected.pt")
+
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModel, AutoModelForImageSegmentation
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        for auto_class in (AutoModel, AutoModelForImageSegmentation):
+            model = auto_class.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
+            assert type(model).__name__ == "SeraForReferringSegmentation", type(model)
+            assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+            with torch.no_grad():
+                logits = model(**expected["batch"]).logits
+            assert torch.equal(logits, expected["reference"]), (logits - expected["reference"]).abs().max()
+        assert not any(name.startswith("modeling_sera") for name in sys.modules), "the package was imported"
+        print("REMOTE-CODE-OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=tempfile.mkdtemp(dir=tmp_path), HF_HUB_OFFLINE="1")
+    # Run from an empty folder; the script checks that only the copied remote code was imported.
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "REMOTE-CODE-OK" in result.stdout, result.stderr[-3000:]
+
+
+def draw_overfit_samples():
+    """Four 32x32 scenes with a square and a disc; each expression (one token) picks a different object."""
+    images, masks, ids = torch.zeros(4, 3, 32, 32), torch.zeros(4, 32, 32), torch.ones(4, 8, dtype=torch.long)
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    for i in range(4):
+        square = torch.zeros(32, 32, dtype=torch.bool)
+        top, left = 3 + 4 * i, 2 + 3 * i
+        square[top : top + 10, left : left + 10] = True
+        disc = (yy - (26 - 3 * i)) ** 2 + (xx - (24 - 2 * i)) ** 2 <= 25
+        disc &= ~square
+        images[i, 0][square] = 2.0
+        images[i, 2][disc] = 2.0
+        target = square if i % 2 == 0 else disc
+        masks[i][target] = 1.0
+        ids[i, :3] = torch.tensor([0, 10 + i % 2, 1])  # BOS, "square" or "disc", EOS
+    attention_mask = (torch.arange(8) < 3).long().expand(4, 8)
+    return {"pixel_values": images, "input_ids": ids, "attention_mask": attention_mask}, masks
+
+
+def test_tiny_model_overfits_four_samples_in_the_papers_regime():
+    model = build(seed=0, decoder_dropout=0.0)
+    model.freeze_encoders()
+    batch, masks = draw_overfit_samples()
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    optimizer = torch.optim.Adam(trainable.values(), lr=2e-3)
+    model.train()
+    reached = set()
+    for step in range(150):
+        loss = model(**batch, labels=masks).loss
+        optimizer.zero_grad()
+        loss.backward()
+        reached |= {name for name, param in trainable.items() if param.grad is not None and param.grad.abs().sum() > 0}
+        optimizer.step()
+    # Every trainable part received gradient: adapters, both routers, all fusion experts, neck, decoder, projector,
+    # and the encoders' norm and bias terms.
+    assert set(trainable) - reached == set()
+    model.eval()
+    with torch.no_grad():
+        predicted = model(**batch).logits.sigmoid()[:, 0] > model.config.mask_threshold
+    target = masks > 0.5
+    iou = (predicted & target).sum((1, 2)).float() / (predicted | target).sum((1, 2)).float()
+    assert iou.min() > 0.9, iou
