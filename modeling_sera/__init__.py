@@ -5,9 +5,10 @@ Importing this package registers SERA with the transformers Auto classes (so `Au
 `AutoModel.from_pretrained(..., trust_remote_code=True)` needs on a machine without this package.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageSegmentation
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageSegmentation, AutoProcessor
 
 from .configuration_sera import SeraConfig
+from .image_processing_sera import SeraImageProcessor, letterbox_geometry
 from .modeling_sera import (
     SeraForReferringSegmentation,
     SeraModel,
@@ -15,19 +16,27 @@ from .modeling_sera import (
     SeraPreTrainedModel,
     SeraReferringSegmentationOutput,
 )
+from .processing_sera import SeraProcessor
 
 
 AutoConfig.register(SeraConfig.model_type, SeraConfig, exist_ok=True)
 AutoModel.register(SeraConfig, SeraForReferringSegmentation, exist_ok=True)
 AutoModelForImageSegmentation.register(SeraConfig, SeraForReferringSegmentation, exist_ok=True)
+AutoImageProcessor.register(SeraConfig, slow_image_processor_class=SeraImageProcessor, exist_ok=True)
+AutoProcessor.register(SeraConfig, SeraProcessor, exist_ok=True)
 SeraConfig.register_for_auto_class()
 SeraForReferringSegmentation.register_for_auto_class("AutoModel")
+SeraImageProcessor.register_for_auto_class("AutoImageProcessor")
+SeraProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "SeraConfig",
     "SeraForReferringSegmentation",
+    "SeraImageProcessor",
     "SeraModel",
     "SeraModelOutput",
     "SeraPreTrainedModel",
+    "SeraProcessor",
     "SeraReferringSegmentationOutput",
+    "letterbox_geometry",
 ]

@@ -1,0 +1,169 @@
+"""Tuner layers of the SERA PEFT method.
+
+- `SeraAdapterLayer` wraps a vision block's `mlp` exactly like the model's own `SeraAdaptedMLP`
+  (`base_layer(x) + scale * adapter(x, words)`), with the adapter held per adapter name as peft expects.
+- `SeraFusionLayer` is an entry of the model's `fusion` ModuleDict: a SERA-Fusion per adapter name, with no base layer
+  (a model without SERA-Fusion passes its level grids on untouched).
+
+Neither can be folded into base weights: `SeraTunerModel.merge_and_unload` turns them into the native modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .configuration_sera import FUSION_NUM_EXPERTS
+from .peft_sera_config import SeraTunerConfig
+from .sera_adapter import SeraAdapter, SeraVisionContext
+from .sera_fusion import SeraFusion
+from .sera_routing import RouterDecision
+
+
+class SeraLayer(BaseTunerLayer):
+    """What both SERA tuner layers share: one container of SERA modules keyed by adapter name, and no merging."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(
+            "SERA modules are networks of their own and cannot be folded into the base weights; use "
+            "merge_and_unload(), which turns them into the native SERA modules of a plain SeraForReferringSegmentation."
+        )
+
+    def unmerge(self) -> None:
+        # Nothing is ever merged in place (see merge), so there is nothing to undo.
+        return
+
+    def _active_modules(self) -> list[tuple[str, nn.Module]]:
+        """The (adapter name, module) pairs that take part in the forward pass."""
+        if self.disable_adapters:
+            return []
+        container = getattr(self, self.adapter_layer_names[0])
+        return [(name, container[name]) for name in self.active_adapters if name in container]
+
+
+
+class SeraAdapterLayer(nn.Module, SeraLayer):
+    """A vision block's `mlp` plus a SERA-Adapter: `base_layer(x) + scale * adapter(x, words)`.
+
+    The SERA model finds it like its own `SeraAdaptedMLP`: it has `set_vision_context` (the model hands over the
+    words before each vision forward) and exposes `router_weights` after it (None while the adapters are disabled).
+    """
+
+    adapter_layer_names = ("sera_adapter",)
+    other_param_names = ("scale",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: SeraTunerConfig,
+        hidden_size: int,
+        text_hidden_size: int,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.sera_adapter = nn.ModuleDict()
+        self.scale: dict[str, float] = {}
+        self.context: SeraVisionContext | None = None
+        self.router_weights: torch.Tensor | None = None
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, hidden_size, text_hidden_size)
+
+    def update_layer(self, adapter_name: str, config: SeraTunerConfig, hidden_size: int, text_hidden_size: int) -> None:
+        self.sera_adapter[adapter_name] = SeraAdapter(
+            hidden_size,
+            text_hidden_size,
+            dim=config.adapter_dim,
+            num_heads=config.adapter_num_heads,
+            boundary_residual_scale=config.adapter_boundary_residual_scale,
+            spatial_residual_scale=config.adapter_spatial_residual_scale,
+            spatial_expert_weight=config.adapter_spatial_expert_weight,
+            boundary_expert_weight=config.adapter_boundary_expert_weight,
+            mask_padding=config.adapter_mask_padding,
+        )
+        self.scale[adapter_name] = config.adapter_scale
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        # peft's default reads `base_layer.weight`, which a transformer block's MLP does not have: follow the MLP's
+        # first parameter instead.
+        reference = next(self.base_layer.parameters(), None)
+        if adapter_name not in self.sera_adapter or reference is None:
+            return
+        if any(param.device.type == "meta" for param in self.sera_adapter[adapter_name].parameters()):
+            return
+        self.sera_adapter[adapter_name].to(device if device is not None else reference.device, dtype=reference.dtype)
+
+    def set_vision_context(self, context: SeraVisionContext | None) -> None:
+        # Kept until the next call: gradient checkpointing replays this module during the backward pass.
+        self.context = context
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(hidden_states)
+        self.router_weights = None
+        for adapter_name, adapter in self._active_modules():
+            if self.context is None:
+                raise RuntimeError(
+                    "SERA-Adapter called without word features: run the vision tower through SeraModel, which sets "
+                    "them with set_vision_context() before each forward."
+                )
+            adapter_output, self.router_weights = adapter(hidden_states, self.context)
+            result = result + self.scale[adapter_name] * adapter_output
+        return result
+
+    def __repr__(self) -> str:
+        return "sera." + super().__repr__()
+
+
+class SeraFusionLayer(nn.Module, SeraLayer):
+    """A SERA-Fusion for one vision level, in the slot `SeraModel` reads (`model.fusion[str(level)]`).
+
+    Returns `(grid, RouterDecision)` like `SeraFusion`. With the adapters disabled the grid passes through untouched
+    and the decision is all zeros (no expert ran), which adds nothing to the router losses.
+    """
+
+    adapter_layer_names = ("sera_fusion",)
+
+    def __init__(self, adapter_name: str, config: SeraTunerConfig, channels: int) -> None:
+        super().__init__()
+        self.sera_fusion = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, channels)
+
+    def update_layer(self, adapter_name: str, config: SeraTunerConfig, channels: int) -> None:
+        self.sera_fusion[adapter_name] = SeraFusion(
+            channels,
+            router_hidden_size=config.fusion_router_hidden_size,
+            top_k=config.fusion_top_k,
+            router_noise_std=config.fusion_router_noise_std,
+            spatial_init=config.fusion_spatial_init,
+            context_num_heads=config.fusion_context_num_heads,
+            context_mlp_ratio=config.fusion_context_mlp_ratio,
+        )
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        # There is no base layer to follow (peft's default would recurse through `weight`); the tuner creates the
+        # fusion on the vision tower's device and a loaded checkpoint arrives on the loading device.
+        if device is not None and adapter_name in self.sera_fusion:
+            self.sera_fusion[adapter_name].to(device)
+
+    def forward(self, grid: torch.Tensor) -> tuple[torch.Tensor, RouterDecision]:
+        active = self._active_modules()
+        if active:
+            _, fusion = active[0]  # the tuner keeps one SERA adapter per model
+            return fusion(grid)
+        no_expert = grid.new_zeros(grid.shape[0], FUSION_NUM_EXPERTS)
+        return grid, RouterDecision(logits=no_expert, weights=no_expert)
+
+    def __repr__(self) -> str:
+        return "sera." + super().__repr__()
+
+
+__all__ = ["SeraAdapterLayer", "SeraFusionLayer", "SeraLayer"]
