@@ -392,6 +392,8 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
             vision_config = vision_config.vision_config
         text_config = AutoConfig.from_pretrained(text_model_name_or_path)
         if text_config.model_type == "clip":
+            # A full CLIP checkpoint keeps the text projection's width at its top level.
+            text_config.text_config.projection_dim = text_config.projection_dim
             text_config = text_config.text_config
         config = SeraConfig(vision_config=vision_config, text_config=text_config, **config_kwargs)
         model = cls(config)
@@ -400,7 +402,7 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
             vision = CLIPVisionModel.from_pretrained(vision_model_name_or_path)
         else:
             vision = AutoModel.from_pretrained(vision_model_name_or_path)
-        text = CLIPTextModelWithProjection.from_pretrained(text_model_name_or_path)
+        text = CLIPTextModelWithProjection.from_pretrained(text_model_name_or_path, config=text_config)
         load_encoder_weights(model.model.vision_model, vision)
         load_encoder_weights(model.model.text_model, text)
         logger.info(f"Loaded encoder weights from {vision_model_name_or_path} and {text_model_name_or_path}.")

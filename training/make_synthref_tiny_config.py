@@ -80,6 +80,9 @@ def main():
     processor = SeraProcessor(image_processor, tokenizer, max_text_length=MAX_TEXT_LENGTH)
     processor.save_pretrained(args.output)
     tiny_config(tokenizer).save_pretrained(args.output)
+    # save_pretrained copies the remote-code files; a config folder keeps none, so they cannot go stale here.
+    for copied in Path(args.output).glob("*.py"):
+        copied.unlink()
     print(f"wrote {args.output}")
 
 

@@ -1,0 +1,258 @@
+"""Score a referring segmentation model on one or more splits, the way the papers do, and report the numbers.
+
+Every expression of every object is scored at its image's original resolution with the metric in
+``metrics/referring_segmentation`` (oIoU, mIoU, Prec@0.5-0.9, boundary F; percentages), and every split is scored on
+its own: splits are never pooled.
+
+The command line is ``python training/evaluate.py`` (see :func:`main`); this module holds the code so that it can be
+imported by name (``training/evaluate.py`` cannot be: its name is the `evaluate` library's).
+"""
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import evaluate
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from data_sources import SOURCE_FORMS, load_examples, parse_source
+
+
+logger = logging.getLogger(__name__)
+
+METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "referring_segmentation"
+# The processor returns more (original_sizes, letterbox geometry...) than the model's forward accepts.
+MODEL_INPUT_NAMES = ("pixel_values", "input_ids", "attention_mask")
+TABLE_COLUMNS = ("oIoU", "mIoU", "Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9")
+RESULTS_START = "<!-- results start: {name} -->"
+RESULTS_END = "<!-- results end: {name} -->"
+
+
+def resolve_device(device: Optional[Union[str, torch.device]], model: torch.nn.Module) -> torch.device:
+    """``None``: where the model already is; ``"auto"``: a GPU when there is one; anything else as torch reads it."""
+    if device is None:
+        parameter = next(model.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def evaluate_referring_segmentation(
+    model, processor, dataset, batch_size: int = 8, device=None, show_progress: bool = True
+) -> dict:
+    """Score ``model`` on every example of ``dataset`` (one split) and return the metric's results.
+
+    Args:
+        model: returns ``.logits`` of shape ``(batch, 1, h, w)`` from ``pixel_values``, ``input_ids`` and
+            ``attention_mask``.
+        processor: ``processor(images=..., text=..., return_tensors="pt")`` gives those inputs and
+            ``original_sizes``; ``processor.post_process_referring_segmentation(outputs, target_sizes=...)`` gives
+            ``[{"mask": (H, W) bool tensor, ...}]`` at the original sizes.
+        dataset: a ``datasets.Dataset`` (or ``IterableDataset``) with the columns of ``data_schema.EXAMPLE_FEATURES``.
+        batch_size: expressions per forward pass.
+        device: ``None`` (keep the model where it is), ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        show_progress: show a tqdm progress bar.
+
+    Returns:
+        The metric's dict (see ``metrics/referring_segmentation/README.md``): ``oIoU``, ``mIoU``, ``Prec@0.5`` ...
+        ``Prec@0.9``, ``boundary_F`` (percentages), ``num_samples`` and, when some example has a non-empty
+        ``category``, ``per_category``.
+    """
+    device = resolve_device(device, model)
+    model.to(device)
+    model.eval()
+    model_dtype = getattr(model, "dtype", None)
+    # The cache holds a few counts per expression, never masks, so memory is the right place for it.
+    metric = evaluate.load(str(METRIC_PATH), keep_in_memory=True)
+
+    total = math.ceil(len(dataset) / batch_size) if hasattr(dataset, "__len__") else None
+    batches = tqdm(
+        dataset.iter(batch_size=batch_size), total=total, disable=not show_progress, desc="Evaluating", unit="batch"
+    )
+    with torch.inference_mode():
+        for rows in batches:
+            # Some COCO images are greyscale; the processor expects RGB.
+            images = [image.convert("RGB") for image in rows["image"]]
+            inputs = processor(images=images, text=rows["expression"], return_tensors="pt")
+            model_inputs = {name: inputs[name].to(device) for name in MODEL_INPUT_NAMES if name in inputs}
+            if model_dtype is not None and model_inputs["pixel_values"].is_floating_point():
+                model_inputs["pixel_values"] = model_inputs["pixel_values"].to(model_dtype)
+            outputs = model(**model_inputs)
+            predictions = processor.post_process_referring_segmentation(outputs, target_sizes=inputs["original_sizes"])
+            metric.add_batch(
+                predictions=[_to_numpy(prediction["mask"]) for prediction in predictions],
+                references=[np.asarray(mask) for mask in rows["mask"]],
+                categories=rows.get("category"),
+            )
+    return metric.compute()
+
+
+def _to_numpy(mask) -> np.ndarray:
+    return mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_results_table(results_by_split: dict) -> str:
+    """The papers' table as markdown: one row per split with oIoU, mIoU and Prec@0.5 ... Prec@0.9 (in %)."""
+    rows = [
+        [split] + [f"{results[column]:.2f}" for column in TABLE_COLUMNS] for split, results in results_by_split.items()
+    ]
+    return _markdown_table(("split",) + TABLE_COLUMNS, rows)
+
+
+def format_category_table(results_by_split: dict) -> str:
+    """One row per (split, category) with the sample count and the table's scores; "" when there are no categories."""
+    rows = []
+    for split, results in results_by_split.items():
+        for category, scores in results.get("per_category", {}).items():
+            rows.append(
+                [split, category, str(scores["num_samples"])] + [f"{scores[column]:.2f}" for column in TABLE_COLUMNS]
+            )
+    return _markdown_table(("split", "category", "samples") + TABLE_COLUMNS, rows) if rows else ""
+
+
+def results_section(results_by_split: dict, data_name: str) -> str:
+    """The markdown a model card shows for one data source, markers included."""
+    counts = ", ".join(f"{split}: {results['num_samples']}" for split, results in results_by_split.items())
+    parts = [
+        RESULTS_START.format(name=data_name),
+        f"## Evaluation results: {data_name}",
+        "",
+        "Scores in %, every referring expression scored at its image's original resolution, each split on its own "
+        "(expressions: " + counts + "). oIoU (also called cIoU) = sum of intersections / sum of unions; mIoU (also "
+        "called gIoU) = mean per-expression IoU; Prec@X = share of expressions with IoU >= X. Computed with "
+        "`training/evaluate.py`.",
+        "",
+        format_results_table(results_by_split),
+    ]
+    category_table = format_category_table(results_by_split)
+    if category_table:
+        parts += ["", "Per category:", "", category_table]
+    parts.append(RESULTS_END.format(name=data_name))
+    return "\n".join(parts) + "\n"
+
+
+def update_model_card(card_path: Union[str, Path], results_by_split: dict, data_name: str) -> None:
+    """Write the results section for ``data_name`` into a markdown model card.
+
+    The section sits between ``<!-- results start: NAME -->`` and ``<!-- results end: NAME -->``; an existing section
+    for the same data is replaced, one for other data is left alone (so several datasets can be reported), and a card
+    without one gets it appended. A missing card file is created.
+    """
+    card_path = Path(card_path)
+    start, end = RESULTS_START.format(name=data_name), RESULTS_END.format(name=data_name)
+    card = card_path.read_text(encoding="utf-8") if card_path.exists() else ""
+    section = results_section(results_by_split, data_name)
+    start_index, end_index = card.find(start), card.find(end)
+    if start_index == -1 and end_index == -1:
+        card = (card.rstrip("\n") + "\n\n" if card.strip() else "") + section
+    elif start_index == -1 or end_index < start_index:
+        raise ValueError(
+            f"{card_path} has a broken results section for {data_name!r}: expected {start!r} followed by {end!r}. "
+            "Fix or remove the markers and run again."
+        )
+    else:
+        after = card[end_index + len(end) :]
+        card = card[:start_index] + section.rstrip("\n") + after
+    card_path.write_text(card, encoding="utf-8")
+
+
+def load_model_and_processor(model_path: Union[str, Path]):
+    """Load a saved model and its processor with their remote code, with a clear error for a wrong path."""
+    from transformers import AutoModel, AutoProcessor
+
+    model_path = Path(model_path)
+    if not model_path.is_dir():
+        raise FileNotFoundError(f"Model folder not found: {model_path}. Pass a folder written by save_pretrained.")
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_path} has no config.json, so it is not a saved model. Pass a folder written by save_pretrained."
+        )
+    model = AutoModel.from_pretrained(model_path, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    return model, processor
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="training/evaluate.py",
+        description="Score a saved referring segmentation model (oIoU, mIoU, Prec@X, boundary F; in %) on each split.",
+    )
+    parser.add_argument("--model", required=True, help="folder written by save_pretrained")
+    parser.add_argument("--data", required=True, help=f"data source: {SOURCE_FORMS}")
+    parser.add_argument(
+        "--split", required=True, action="append", dest="splits", help="a split to score; repeat for more"
+    )
+    parser.add_argument("--coco-image-dir", help="COCO train2014 images (REFER files, Hub mirrors without images)")
+    parser.add_argument("--output", help="write the results as JSON to this file")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    parser.add_argument("--model-card", help="markdown model card whose results section to fill or replace")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = parser.parse_args(argv)
+    # Check what can be checked before spending minutes on loading.
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    try:
+        args.source = parse_source(args.data)
+    except ValueError as error:
+        parser.error(str(error))
+    if not Path(args.model).is_dir():
+        parser.error(f"model folder not found: {args.model}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model, processor = load_model_and_processor(args.model)
+
+    results_by_split = {}
+    for split in dict.fromkeys(args.splits):  # keeps the order, drops repeats
+        dataset = load_examples(args.data, split, coco_image_dir=args.coco_image_dir)
+        logger.info(f"{args.source.name} {split}: {len(dataset)} expressions")
+        results_by_split[split] = evaluate_referring_segmentation(
+            model,
+            processor,
+            dataset,
+            batch_size=args.batch_size,
+            device=args.device,
+            show_progress=not args.no_progress,
+        )
+
+    print(f"\n{args.source.name}, scores in % (oIoU = cIoU, mIoU = gIoU)\n")
+    print(format_results_table(results_by_split))
+    category_table = format_category_table(results_by_split)
+    if category_table:
+        print("\n" + category_table)
+
+    if args.output:
+        report = {
+            "model": str(args.model),
+            "data": args.source.name,
+            "data_source": args.data,
+            "units": "percent",
+            "splits": results_by_split,
+        }
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"\nResults written to {args.output}")
+    if args.model_card:
+        update_model_card(args.model_card, results_by_split, args.source.name)
+        print(f"Results section of {args.model_card} updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
