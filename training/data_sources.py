@@ -9,6 +9,8 @@ Accepted sources:
 - ``synthref``: the synthetic referring dataset (``synthetic_data.build_synthetic_dataset()``);
 - ``refer:ROOT:DATASET:SPLIT_BY``: REFER files, e.g. ``refer:/data/refer:refcoco:unc`` or
   ``refer:/data/refer:refcocog:umd``;
+- a folder written by ``DatasetDict.save_to_disk`` in the shared schema (e.g. by
+  ``python training/synthetic_data.py --output DIR``);
 - a Hub id such as ``jxu124/refcoco`` or ``jxu124/refcoco-benchmark``, or a local folder of such a repo's parquet
   files.
   Splits named like ``refcoco_unc_val`` (see ``hub_data.BENCHMARK_SPLITS``) or a source named ``*refcoco-benchmark``
@@ -29,14 +31,14 @@ SYNTHETIC_SOURCE = "synthref"
 REFER_PREFIX = "refer:"
 SOURCE_FORMS = (
     f"'{SYNTHETIC_SOURCE}', '{REFER_PREFIX}ROOT:DATASET:SPLIT_BY' (e.g. refer:/data/refer:refcoco:unc), "
-    "a Hub dataset id (e.g. jxu124/refcoco) or a local folder of its parquet files"
+    "a folder written by DatasetDict.save_to_disk, a Hub dataset id (e.g. jxu124/refcoco) or a local folder of its parquet files"
 )
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 @dataclass(frozen=True)
 class DataSource:
-    """A parsed ``--data`` value: ``kind`` is "synthetic", "refer" or "hub"."""
+    """A parsed ``--data`` value: ``kind`` is "synthetic", "refer", "saved" or "hub"."""
 
     kind: str
     location: str = ""  # REFER root, Hub id or local folder
@@ -68,6 +70,8 @@ def parse_source(source: Union[str, os.PathLike]) -> DataSource:
             )
         root, dataset, split_by = parts
         return DataSource(kind="refer", location=root, dataset=dataset, split_by=split_by)
+    if (Path(source) / "dataset_dict.json").is_file():
+        return DataSource(kind="saved", location=source)
     if Path(source).is_dir() or _HUB_ID.fullmatch(source):
         return DataSource(kind="hub", location=source)
     raise ValueError(f"Unknown data source {source!r}. Expected {SOURCE_FORMS}.")
@@ -91,6 +95,12 @@ def load_examples(
         splits = synthetic_data.build_synthetic_dataset()
         if split not in splits:
             raise ValueError(f"The synthetic dataset has no split {split!r}; its splits are: {', '.join(splits)}.")
+        return splits[split]
+
+    if parsed.kind == "saved":
+        splits = datasets.load_from_disk(parsed.location)
+        if split not in splits:
+            raise ValueError(f"{parsed.location} has no split {split!r}; its splits are: {', '.join(splits)}.")
         return splits[split]
 
     if parsed.kind == "refer":
