@@ -136,31 +136,13 @@ class SeraModel(SeraPreTrainedModel):
         if config.use_sera_adapter:
             blocks = vision_blocks(self.vision_model)
             for index in config.adapter_layers:
-                adapter = SeraAdapter(
-                    vision_width,
-                    text_width,
-                    dim=config.adapter_dim,
-                    num_heads=config.adapter_num_heads,
-                    boundary_residual_scale=config.adapter_boundary_residual_scale,
-                    spatial_residual_scale=config.adapter_spatial_residual_scale,
-                    spatial_expert_weight=config.adapter_spatial_expert_weight,
-                    boundary_expert_weight=config.adapter_boundary_expert_weight,
-                    mask_padding=config.adapter_mask_padding,
-                )
+                adapter = SeraAdapter.from_settings(vision_width, text_width, config)
                 blocks[index].mlp = SeraAdaptedMLP(blocks[index].mlp, adapter, config.adapter_scale)
 
         self.fusion = nn.ModuleDict()
         if config.use_sera_fusion:
             for level in config.fusion_levels:
-                self.fusion[str(level)] = SeraFusion(
-                    vision_width,
-                    router_hidden_size=config.fusion_router_hidden_size,
-                    top_k=config.fusion_top_k,
-                    router_noise_std=config.fusion_router_noise_std,
-                    spatial_init=config.fusion_spatial_init,
-                    context_num_heads=config.fusion_context_num_heads,
-                    context_mlp_ratio=config.fusion_context_mlp_ratio,
-                )
+                self.fusion[str(level)] = SeraFusion.from_settings(vision_width, config)
 
         self.word_proj = nn.Linear(text_width, config.hidden_size) if text_width != config.hidden_size else nn.Identity()
         self.neck = SeraNeck([vision_width] * len(config.vision_feature_layers), sentence_dim, config.hidden_size)

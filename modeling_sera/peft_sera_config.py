@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 from .configuration_sera import FUSION_NUM_EXPERTS
 
 
-# The SeraConfig fields the tuner mirrors, split by module; merge_and_unload copies them into the merged model's config.
+# The SeraConfig fields the tuner mirrors, by module; merge_and_unload copies them into the merged model's config.
 SERA_ADAPTER_FIELDS = (
     "use_sera_adapter",
     "adapter_layers",
@@ -142,7 +142,8 @@ class SeraTunerConfig(PeftConfig):
                 raise ValueError(f"fusion_levels {self.fusion_levels} lists a level twice.")
             if not 1 <= self.fusion_top_k <= FUSION_NUM_EXPERTS:
                 raise ValueError(f"fusion_top_k={self.fusion_top_k} must be between 1 and {FUSION_NUM_EXPERTS}.")
-        if not (self.use_sera_adapter or self.use_sera_fusion or self.train_encoder_norms_and_biases or self.train_head):
+        trained = (self.use_sera_adapter, self.use_sera_fusion, self.train_encoder_norms_and_biases, self.train_head)
+        if not any(trained):
             raise ValueError(
                 "This SeraTunerConfig trains nothing: switch on at least one of use_sera_adapter, use_sera_fusion, "
                 "train_encoder_norms_and_biases and train_head."

@@ -28,7 +28,8 @@ class SeraLayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
             "SERA modules are networks of their own and cannot be folded into the base weights; use "
-            "merge_and_unload(), which turns them into the native SERA modules of a plain SeraForReferringSegmentation."
+            "merge_and_unload(), which turns them into the native SERA modules of a plain "
+            "SeraForReferringSegmentation."
         )
 
     def unmerge(self) -> None:
@@ -41,7 +42,6 @@ class SeraLayer(BaseTunerLayer):
             return []
         container = getattr(self, self.adapter_layer_names[0])
         return [(name, container[name]) for name in self.active_adapters if name in container]
-
 
 
 class SeraAdapterLayer(nn.Module, SeraLayer):
@@ -73,18 +73,10 @@ class SeraAdapterLayer(nn.Module, SeraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, hidden_size, text_hidden_size)
 
-    def update_layer(self, adapter_name: str, config: SeraTunerConfig, hidden_size: int, text_hidden_size: int) -> None:
-        self.sera_adapter[adapter_name] = SeraAdapter(
-            hidden_size,
-            text_hidden_size,
-            dim=config.adapter_dim,
-            num_heads=config.adapter_num_heads,
-            boundary_residual_scale=config.adapter_boundary_residual_scale,
-            spatial_residual_scale=config.adapter_spatial_residual_scale,
-            spatial_expert_weight=config.adapter_spatial_expert_weight,
-            boundary_expert_weight=config.adapter_boundary_expert_weight,
-            mask_padding=config.adapter_mask_padding,
-        )
+    def update_layer(
+        self, adapter_name: str, config: SeraTunerConfig, hidden_size: int, text_hidden_size: int
+    ) -> None:
+        self.sera_adapter[adapter_name] = SeraAdapter.from_settings(hidden_size, text_hidden_size, config)
         self.scale[adapter_name] = config.adapter_scale
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -137,16 +129,18 @@ class SeraFusionLayer(nn.Module, SeraLayer):
         self.update_layer(adapter_name, config, channels)
 
     def update_layer(self, adapter_name: str, config: SeraTunerConfig, channels: int) -> None:
-        self.sera_fusion[adapter_name] = SeraFusion(
-            channels,
-            router_hidden_size=config.fusion_router_hidden_size,
-            top_k=config.fusion_top_k,
-            router_noise_std=config.fusion_router_noise_std,
-            spatial_init=config.fusion_spatial_init,
-            context_num_heads=config.fusion_context_num_heads,
-            context_mlp_ratio=config.fusion_context_mlp_ratio,
-        )
+        self.sera_fusion[adapter_name] = SeraFusion.from_settings(channels, config)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # BaseTunerLayer reads `weight` and `bias` from the base layer, which a fusion entry lacks (the lookup would
+    # recurse into itself); report them missing instead, so `getattr(layer, "weight", None)` works.
+    @property
+    def weight(self) -> torch.Tensor:
+        raise AttributeError("A SeraFusionLayer has no base layer, hence no weight.")
+
+    @property
+    def bias(self) -> torch.Tensor:
+        raise AttributeError("A SeraFusionLayer has no base layer, hence no bias.")
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # There is no base layer to follow (peft's default would recurse through `weight`); the tuner creates the

@@ -111,6 +111,21 @@ class SeraAdapter(nn.Module):
         self.word_attention = SeraAttention(dim, num_heads, key_value_dim=text_hidden_size)
         self.up_proj = nn.Linear(dim, hidden_size)
 
+    @classmethod
+    def from_settings(cls, hidden_size: int, text_hidden_size: int, settings) -> "SeraAdapter":
+        """Build from any object carrying SeraConfig's `adapter_*` fields (SeraConfig, or the PEFT tuner config)."""
+        return cls(
+            hidden_size,
+            text_hidden_size,
+            dim=settings.adapter_dim,
+            num_heads=settings.adapter_num_heads,
+            boundary_residual_scale=settings.adapter_boundary_residual_scale,
+            spatial_residual_scale=settings.adapter_spatial_residual_scale,
+            spatial_expert_weight=settings.adapter_spatial_expert_weight,
+            boundary_expert_weight=settings.adapter_boundary_expert_weight,
+            mask_padding=settings.adapter_mask_padding,
+        )
+
     def forward(self, hidden_states: torch.Tensor, context: SeraVisionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the adapter output (B, N, hidden) and the router weights (B, 2) = [w_spatial, w_boundary]."""
         x0 = torch.relu(self.down_proj(hidden_states))

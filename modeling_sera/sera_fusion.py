@@ -130,6 +130,19 @@ class SeraFusion(nn.Module):
             }
         )
 
+    @classmethod
+    def from_settings(cls, channels: int, settings) -> "SeraFusion":
+        """Build from any object carrying SeraConfig's `fusion_*` fields (SeraConfig, or the PEFT tuner config)."""
+        return cls(
+            channels,
+            router_hidden_size=settings.fusion_router_hidden_size,
+            top_k=settings.fusion_top_k,
+            router_noise_std=settings.fusion_router_noise_std,
+            spatial_init=settings.fusion_spatial_init,
+            context_num_heads=settings.fusion_context_num_heads,
+            context_mlp_ratio=settings.fusion_context_mlp_ratio,
+        )
+
     def forward(self, grid: torch.Tensor) -> tuple[torch.Tensor, RouterDecision]:
         decision = self.router(grid)
         weights = decision.weights.to(grid.dtype)

@@ -13,8 +13,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "training"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# Under pytest-xdist each worker gets one core; more threads per worker only oversubscribe the machine.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
+# Under pytest-xdist each worker gets one core; more threads per worker only oversubscribe the machine. Subprocesses
+# inherit the same count through OMP_NUM_THREADS, so that outputs they compute are bit-identical to ours.
+NUM_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads()))
+torch.set_num_threads(NUM_THREADS)
+os.environ["OMP_NUM_THREADS"] = str(NUM_THREADS)
 
 TINY_TEXT_VOCAB = 64
 TINY_IMAGE_SIZE = 32

@@ -1,0 +1,208 @@
+"""`sera-predict`: segment what an expression refers to in one image, and draw the result.
+
+    sera-predict IMAGE "the dog on the left" --model MODEL_DIR [--out mask.png] [--device auto|cpu|cuda|cuda:N]
+        [--threshold 0.35]
+
+Writes the mask (a PNG at the image's size: 255 on the object, 0 elsewhere) and an overlay picture (the mask tinted
+over the image with its outline, next to the expression, the score and the experts' routing weights as bar charts),
+then prints where it wrote them. Bad input ends with a one-line error that says what to do.
+
+The model is loaded with this package's classes, so any folder SERA's `save_pretrained` wrote works, with or without
+the remote-code files next to its weights.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
+
+from .configuration_sera import SeraConfig
+from .modeling_sera import SeraForReferringSegmentation
+from .pipeline_sera import ReferringImageSegmentationPipeline, load_image
+from .processing_sera import SeraProcessor
+
+
+PROG = "sera-predict"
+TINT = (0, 150, 255)
+OUTLINE = (255, 215, 0)
+TINT_OPACITY = 0.45
+# The overlay's longer image side: small images are enlarged to stay legible, large ones shrunk to stay light.
+MIN_DISPLAY_SIDE, MAX_DISPLAY_SIDE = 384, 1024
+PANEL_WIDTH, MARGIN, LINE_HEIGHT, BAR_HEIGHT = 320, 14, 20, 14
+
+
+def fail(message: str):
+    raise SystemExit(f"{PROG}: error: {message}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Segment the object a referring expression describes, with a saved SERA model.",
+    )
+    parser.add_argument("image", help="the image file (any format PIL reads)")
+    parser.add_argument("expression", help='what to segment, e.g. "the dog on the left"')
+    parser.add_argument("--model", required=True, help="a folder written by save_pretrained (model and processor)")
+    parser.add_argument(
+        "--out", help="where to write the mask PNG (default: IMAGE_NAME.mask.png in the current folder); the overlay "
+        "goes next to it as NAME.overlay.png"
+    )
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--threshold", type=float, help="foreground probability (default: the processor's, 0.35)")
+    return parser.parse_args(argv)
+
+
+def check_model_folder(folder: Path) -> None:
+    """Fail early, in one line, on what from_pretrained would report in a long traceback."""
+    if not folder.is_dir():
+        fail(f"model folder not found: {folder}. Pass --model a folder written by save_pretrained.")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        fail(f"{folder} has no config.json, so it is not a saved model. Pass a folder written by save_pretrained.")
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    if model_type != SeraConfig.model_type:
+        fail(f"{folder} holds a {model_type!r} model, not SERA. Pass a folder written by SERA's save_pretrained.")
+    if not (folder / "processor_config.json").is_file():
+        fail(f"{folder} has no processor_config.json: save the processor next to the model with "
+             f"processor.save_pretrained('{folder}').")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        fail(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps.")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device} asks for a GPU, but torch sees none: use --device cpu.")
+    return resolved
+
+
+def output_paths(image_path: Path, out: str | None) -> tuple[Path, Path]:
+    mask_path = Path(out) if out else Path(f"{image_path.stem}.mask.png")
+    if mask_path.suffix.lower() != ".png":
+        fail(f"--out {out} must end in .png: the mask is written losslessly.")
+    stem = mask_path.name[: -len(".mask.png")] if mask_path.name.endswith(".mask.png") else mask_path.stem
+    return mask_path, mask_path.with_name(f"{stem}.overlay.png")
+
+
+def displayable(image: Image.Image) -> Image.Image:
+    """An RGB copy for drawing; 16-bit and float images are stretched to 8 bits rather than clipped."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = values.min(), values.max()
+        values = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
+        image = Image.fromarray(values.astype(np.uint8))
+    return image.convert("RGB")
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError):  # a Pillow without FreeType has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + ([line] if line else [])
+
+
+def draw_overlay(image: Image.Image, mask: Image.Image, expression: str, score: float, router_weights: dict):
+    """The image with the mask tinted over it and outlined, and a side panel with the expression, the score and the
+    experts' routing weights (SERA-Fusion averaged over levels, SERA-Adapter over blocks) as bar charts."""
+    image = displayable(image)
+    long_side = max(image.size)
+    scale = min(max(long_side, MIN_DISPLAY_SIDE), MAX_DISPLAY_SIDE) / long_side
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    mask = mask.resize(size, Image.Resampling.NEAREST)
+
+    tinted = Image.blend(image, Image.new("RGB", size, TINT), TINT_OPACITY)
+    picture = Image.composite(tinted, image, mask)
+    outline = ImageChops.difference(mask.filter(ImageFilter.MaxFilter(3)), mask.filter(ImageFilter.MinFilter(3)))
+    picture.paste(OUTLINE, mask=outline)
+
+    font, small = _font(15), _font(13)
+    measure = ImageDraw.Draw(picture)
+    text_width = PANEL_WIDTH - 2 * MARGIN
+    expression_lines = _wrap(f'"{expression}"', font, text_width, measure)
+    area = np.asarray(mask).astype(bool).mean() * 100
+    sections = [(title, weights) for title, weights in (
+        ("SERA-Fusion experts (mean over levels)", router_weights.get("fusion", {})),
+        ("SERA-Adapter experts (mean over blocks)", router_weights.get("adapter", {})),
+    ) if weights]
+    panel_height = MARGIN * 2 + LINE_HEIGHT * (len(expression_lines) + 2)
+    panel_height += sum(LINE_HEIGHT * (len(weights) + 2) for _, weights in sections)
+
+    canvas = Image.new("RGB", (picture.width + PANEL_WIDTH, max(picture.height, panel_height)), "white")
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.line((picture.width, 0, picture.width, canvas.height), fill=(200, 200, 200))
+    x, y = picture.width + MARGIN, MARGIN
+    for line in expression_lines:
+        draw.text((x, y), line, fill="black", font=font)
+        y += LINE_HEIGHT
+    draw.text((x, y), f"score {score:.3f}   mask {area:.1f}% of the image", fill=(70, 70, 70), font=small)
+    y += LINE_HEIGHT * 2
+    label_width = 70
+    bar_left, bar_right = x + label_width, picture.width + PANEL_WIDTH - MARGIN - 44
+    for title, weights in sections:
+        draw.text((x, y), title, fill="black", font=small)
+        y += LINE_HEIGHT
+        for name, weight in weights.items():
+            draw.text((x, y), name, fill=(70, 70, 70), font=small)
+            bar_top = y + (LINE_HEIGHT - BAR_HEIGHT) // 2
+            draw.rectangle((bar_left, bar_top, bar_right, bar_top + BAR_HEIGHT), outline=(200, 200, 200))
+            filled = bar_left + round((bar_right - bar_left) * min(max(weight, 0.0), 1.0))
+            if filled > bar_left:
+                draw.rectangle((bar_left, bar_top, filled, bar_top + BAR_HEIGHT), fill=TINT)
+            draw.text((bar_right + 6, y), f"{weight:.2f}", fill="black", font=small)
+            y += LINE_HEIGHT
+        y += LINE_HEIGHT
+    return canvas
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    image_path, model_folder = Path(args.image), Path(args.model)
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        fail(f"--threshold is a probability between 0 and 1, got {args.threshold}.")
+    if not args.expression.strip():
+        fail('the expression is empty: say what to segment, e.g. "the dog on the left".')
+    mask_path, overlay_path = output_paths(image_path, args.out)
+    if not mask_path.parent.is_dir():
+        fail(f"output folder not found: {mask_path.parent}. Create it or pass another --out.")
+    check_model_folder(model_folder)
+    try:
+        image = load_image(image_path)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    device = resolve_device(args.device)
+
+    model = SeraForReferringSegmentation.from_pretrained(model_folder)
+    processor = SeraProcessor.from_pretrained(model_folder)
+    pipe = ReferringImageSegmentationPipeline(model=model, processor=processor, device=device)
+    result = pipe(image, args.expression, threshold=args.threshold, return_router_weights=True)
+
+    result["mask"].save(mask_path)
+    draw_overlay(image, result["mask"], args.expression, result["score"], result["router_weights"]).save(overlay_path)
+    print(f"mask:    {mask_path}  (score {result['score']:.3f})")
+    print(f"overlay: {overlay_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
