@@ -48,8 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("expression", help='what to segment, e.g. "the dog on the left"')
     parser.add_argument("--model", required=True, help="a folder written by save_pretrained (model and processor)")
     parser.add_argument(
-        "--out", help="where to write the mask PNG (default: IMAGE_NAME.mask.png in the current folder); the overlay "
-        "goes next to it as NAME.overlay.png"
+        "--out",
+        help="where to write the mask PNG (default: IMAGE_NAME.mask.png in the current folder); the overlay "
+        "goes next to it as NAME.overlay.png",
     )
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps")
     parser.add_argument("--threshold", type=float, help="foreground probability (default: the processor's, 0.35)")
@@ -67,8 +68,10 @@ def check_model_folder(folder: Path) -> None:
     if model_type != SeraConfig.model_type:
         fail(f"{folder} holds a {model_type!r} model, not SERA. Pass a folder written by SERA's save_pretrained.")
     if not (folder / "processor_config.json").is_file():
-        fail(f"{folder} has no processor_config.json: save the processor next to the model with "
-             f"processor.save_pretrained('{folder}').")
+        fail(
+            f"{folder} has no processor_config.json: save the processor next to the model with "
+            f"processor.save_pretrained('{folder}')."
+        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -140,10 +143,14 @@ def draw_overlay(image: Image.Image, mask: Image.Image, expression: str, score: 
     text_width = PANEL_WIDTH - 2 * MARGIN
     expression_lines = _wrap(f'"{expression}"', font, text_width, measure)
     area = np.asarray(mask).astype(bool).mean() * 100
-    sections = [(title, weights) for title, weights in (
-        ("SERA-Fusion experts (mean over levels)", router_weights.get("fusion", {})),
-        ("SERA-Adapter experts (mean over blocks)", router_weights.get("adapter", {})),
-    ) if weights]
+    sections = [
+        (title, weights)
+        for title, weights in (
+            ("SERA-Fusion experts (mean over levels)", router_weights.get("fusion", {})),
+            ("SERA-Adapter experts (mean over blocks)", router_weights.get("adapter", {})),
+        )
+        if weights
+    ]
     panel_height = MARGIN * 2 + LINE_HEIGHT * (len(expression_lines) + 2)
     panel_height += sum(LINE_HEIGHT * (len(weights) + 2) for _, weights in sections)
 
@@ -186,9 +193,11 @@ def main(argv=None) -> int:
     if not mask_path.parent.is_dir():
         fail(f"output folder not found: {mask_path.parent}. Create it or pass another --out.")
     check_model_folder(model_folder)
+    if not image_path.is_file():
+        fail(f"image not found: {image_path}. Check the path.")
     try:
         image = load_image(image_path)
-    except (FileNotFoundError, ValueError) as error:
+    except ValueError as error:
         fail(str(error))
     device = resolve_device(args.device)
 

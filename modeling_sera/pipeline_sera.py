@@ -23,8 +23,9 @@ TASK = "referring-image-segmentation"
 FUSION_EXPERT_NAMES = ("spatial", "context", "boundary", "shape")
 ADAPTER_EXPERT_NAMES = ("spatial", "boundary")
 MODEL_INPUT_NAMES = ("pixel_values", "input_ids", "attention_mask")
-# What a single image may be; anything else in `image` is taken as a collection of images.
+# What a single image may be; a list or tuple in `image` holds several.
 SINGLE_IMAGE_TYPES = (str, os.PathLike, PIL.Image.Image, np.ndarray, torch.Tensor)
+IMAGE_TYPE_ERROR = "An image must be a file path, an http(s) URL, a PIL image or a numpy array, got {}."
 
 
 def load_image(image):
@@ -33,9 +34,7 @@ def load_image(image):
     if isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
         return image
     if not isinstance(image, (str, os.PathLike)):
-        raise TypeError(
-            f"An image must be a file path, an http(s) URL, a PIL image or a numpy array, got {type(image).__name__}."
-        )
+        raise TypeError(IMAGE_TYPE_ERROR.format(type(image).__name__))
     if str(image).startswith(("http://", "https://")):
         return load_image_from_url(str(image))
     path = Path(image)
@@ -53,11 +52,11 @@ def load_image(image):
 
 def _check_image_path(image, index: int) -> None:
     """Fail before any work when a path in a long list of pairs does not exist."""
-    if isinstance(image, (str, os.PathLike)) and not str(image).startswith(("http://", "https://")):
-        if not Path(image).is_file():
-            raise FileNotFoundError(
-                f"Image file not found: {image} (pair {index}). Check the path, or pass a PIL image or a numpy array."
-            )
+    is_local_path = isinstance(image, (str, os.PathLike)) and not str(image).startswith(("http://", "https://"))
+    if is_local_path and not Path(image).is_file():
+        raise FileNotFoundError(
+            f"Image file not found: {image} (pair {index}). Check the path, or pass a PIL image or a numpy array."
+        )
 
 
 def _pairs(image, text):
@@ -73,8 +72,11 @@ def _pairs(image, text):
                 'pipe([{"image": ..., "text": ...}, ...]).'
             )
     else:
-        images_single = isinstance(image, SINGLE_IMAGE_TYPES)
-        texts_single = isinstance(text, str)
+        images_single, texts_single = isinstance(image, SINGLE_IMAGE_TYPES), isinstance(text, str)
+        if not (images_single or isinstance(image, (list, tuple))):
+            raise TypeError(IMAGE_TYPE_ERROR.format(type(image).__name__))
+        if not (texts_single or isinstance(text, (list, tuple))):
+            raise TypeError(f"The expressions must be a string or a list of strings, got {type(text).__name__}.")
         images = [image] if images_single else list(image)
         texts = [text] if texts_single else list(text)
         # One image or one expression pairs with every item on the other side.
@@ -95,6 +97,8 @@ def _pairs(image, text):
             raise ValueError(f"Pair {index} must have exactly the keys 'image' and 'text', got {sorted(pair)}.")
         if not isinstance(pair["text"], str) or not pair["text"].strip():
             raise ValueError(f"Pair {index} needs a non-empty referring expression (a string), got {pair['text']!r}.")
+        if not isinstance(pair["image"], SINGLE_IMAGE_TYPES):
+            raise TypeError(f"Pair {index}: " + IMAGE_TYPE_ERROR.format(type(pair["image"]).__name__))
         _check_image_path(pair["image"], index)
     return pairs[0] if single else pairs
 
@@ -200,4 +204,4 @@ def _mean_weights(weights, names) -> dict[str, float]:
     return dict(zip(names, weights[0].float().mean(dim=0).tolist()))
 
 
-__all__ = ["ReferringImageSegmentationPipeline", "TASK"]
+__all__ = ["TASK", "ReferringImageSegmentationPipeline"]
