@@ -1,0 +1,396 @@
+"""training/train.py: end to end through `accelerate launch` on tiny synthetic data, exact resume, the non-finite
+loss stop, a 2-process CPU run; plus the recipe and collate helpers in-process.
+
+The launched runs share one tiny synthetic dataset (built once into a temporary cache) and the tiny hub config, and
+run a handful of optimizer steps each, so the whole file takes about a minute on two CPU cores.
+"""
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
+TINY_CONFIG = REPO_ROOT / "hub_configs" / "sera-synthref-tiny"
+TINY_DATA = "train=3,validation=2,test=2,test_unseen=2"
+
+# Small, but enough to cover a resume in the middle of an epoch, gradient accumulation with a partial window at the
+# end of an epoch (3 batches per epoch, 2 per step) and the crossing into the next epoch.
+RESUME_ARGS = (
+    "--max_train_samples 6 --per_device_train_batch_size 2 --gradient_accumulation_steps 2 --max_train_steps 4 "
+    "--eval_steps 2 --checkpointing_steps 1 --checkpoints_total_limit 10 --max_eval_samples 6 "
+    "--per_device_eval_batch_size 6"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(options: str, output_dir: Path, cache_dir: Path, num_processes: int = 1, timeout: int = 300):
+    """`accelerate launch training/train.py OPTIONS` on the tiny data, on CPU; returns the CompletedProcess."""
+    # One thread per process: the runs are tiny, and a multi-threaded run slows down badly when the cores are shared
+    # (pytest -n 2, other jobs). The runs compared bit for bit all use the same setting.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    if num_processes > 1:
+        launcher = ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+    else:
+        launcher = ["--num_processes", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launcher,
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(TRAIN_SCRIPT),
+        "--config_name",
+        str(TINY_CONFIG),
+        "--output_dir",
+        str(output_dir),
+        "--synthetic_cache_dir",
+        str(cache_dir),
+        "--synthetic_num_images",
+        TINY_DATA,
+        "--no_progress_bar",
+        *shlex.split(options),
+    ]
+    result = subprocess.run(
+        command, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return result
+
+
+def check_ok(result) -> None:
+    assert result.returncode == 0, (
+        f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthref-cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, cache_dir):
+    """The reference run: 4 optimizer steps without interruption, test splits scored, model folder written."""
+    output_dir = tmp_path_factory.mktemp("run") / "uninterrupted"
+    result = launch(RESUME_ARGS, output_dir, cache_dir)
+    check_ok(result)
+    return output_dir, result
+
+
+@pytest.fixture
+def in_process_accelerate():
+    """For tests that run train.py code in this process: leave no accelerate state or global settings behind."""
+    import logging
+
+    import datasets
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    datasets.enable_progress_bars()
+    logging.getLogger("accelerate").setLevel(logging.NOTSET)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# In-process helpers (fast)
+
+
+def test_swap_left_right_and_flip_decisions():
+    from collate import flip_decision, swap_left_right
+
+    assert swap_left_right("the circle left of the Rightmost star") == "the circle right of the Leftmost star"
+    assert swap_left_right("LEFT square, right one; bright leftover") == "RIGHT square, left one; bright leftover"
+    decisions = [flip_decision(0, 3, sample, 0.5) for sample in range(200)]
+    assert decisions == [flip_decision(0, 3, sample, 0.5) for sample in range(200)]  # pure function
+    assert 60 < sum(decisions) < 140
+    assert decisions != [flip_decision(0, 4, sample, 0.5) for sample in range(200)]  # changes with the epoch
+    assert not any(flip_decision(0, 3, sample, 0.0) for sample in range(200))
+
+
+def test_collator_flips_image_mask_and_words_together():
+    import numpy as np
+    from collate import ReferringSegmentationCollator
+    from PIL import Image
+
+    from modeling_sera import SeraProcessor
+
+    processor = SeraProcessor.from_pretrained(TINY_CONFIG)
+    image = np.zeros((40, 60, 3), dtype=np.uint8)
+    image[:, :10] = 255  # a white stripe on the left
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[:, :10] = 255
+    row = {
+        "image": Image.fromarray(image),
+        "mask": Image.fromarray(mask),
+        "expression": "the left stripe",
+        "sentence_id": 7,
+    }
+    plain = ReferringSegmentationCollator(processor)([row])
+    flipped = ReferringSegmentationCollator(processor, horizontal_flip_probability=1.0)([row])
+    assert plain["sample_ids"].tolist() == [7]
+    assert torch.equal(flipped["labels"], plain["labels"].flip(-1))
+    assert torch.allclose(flipped["pixel_values"], plain["pixel_values"].flip(-1))
+    right = processor(text=["the right stripe"], return_tensors="pt")["input_ids"]
+    assert torch.equal(flipped["input_ids"], right)
+
+
+def test_recipe_and_command_line_overrides(tmp_path):
+    import train
+
+    args = train.parse_args(["--config_name", str(TINY_CONFIG)])
+    recipe = json.loads((TINY_CONFIG / "training_recipe.json").read_text())
+    assert args.learning_rate == recipe["learning_rate"] == 1e-4
+    assert args.lr_milestones == [35, 55] and args.num_train_epochs == 65 and args.lr_gamma == 0.1
+    assert args.per_device_train_batch_size == 16 and args.horizontal_flip_probability == 0.0
+    assert args.output_dir == Path("outputs") / "sera-synthref-tiny"
+    # The decays keep their place in a shortened run: 35/65 and 55/65 of the steps.
+    assert train.milestone_steps(args, 650) == [350, 550]
+    assert train.milestone_steps(args, args.max_train_steps) == [
+        round(35 * args.max_train_steps / 65),
+        round(55 * args.max_train_steps / 65),
+    ]
+
+    custom = tmp_path / "recipe.json"
+    custom.write_text(json.dumps({"learning_rate": 3e-4, "max_train_steps": 50, "eval_steps": 5}))
+    args = train.parse_args(
+        [
+            "--config_name",
+            str(TINY_CONFIG),
+            "--recipe",
+            str(custom),
+            "--lr_milestones",
+            "2,4",
+            "--seed",
+            "3",
+            "--validation_split",
+            "none",
+            "--test_splits",
+            "test",
+            "--checkpointing_steps",
+            "epoch",
+            "--eval_steps",
+            "none",
+            "--synthetic_num_images",
+            "train=5,test=2",
+        ]
+    )
+    assert (args.learning_rate, args.max_train_steps, args.seed) == (3e-4, 50, 3)
+    assert args.lr_milestones == [2, 4] and args.eval_steps is None and args.validation_split is None
+    assert args.test_splits == ["test"] and args.checkpointing_steps == "epoch"
+    assert args.synthetic_num_images == {"train": 5, "test": 2}
+    # Epochs asked for on the command line win over the recipe's step cap.
+    args = train.parse_args(["--config_name", str(TINY_CONFIG), "--recipe", str(custom), "--num_train_epochs", "3"])
+    assert args.num_train_epochs == 3 and args.max_train_steps is None
+
+    custom.write_text(json.dumps({"learning_rat": 1e-4}))
+    with pytest.raises(train.TrainingError, match="learning_rat"):
+        train.parse_args(["--config_name", str(TINY_CONFIG), "--recipe", str(custom)])
+
+
+def test_paper_recipe_files():
+    for name in ("sera-synthref-tiny", "sera-refcoco"):
+        recipe = json.loads((REPO_ROOT / "hub_configs" / name / "training_recipe.json").read_text())
+        assert recipe["optimizer"] == "adam" and recipe["learning_rate"] == 1e-4
+        assert recipe["lr_milestones"] == [35, 55] and recipe["lr_gamma"] == 0.1 and recipe["num_train_epochs"] == 65
+        assert recipe["per_device_train_batch_size"] == 16 and recipe["horizontal_flip_probability"] == 0.0
+    assert json.loads((REPO_ROOT / "hub_configs/sera-refcoco/training_recipe.json").read_text())["image_size"] == 448
+
+
+def test_pretrained_encoders_are_loaded_and_the_paper_regime_is_trainable(tmp_path, in_process_accelerate):
+    import train
+    from accelerate import PartialState
+    from transformers import AutoModel, CLIPTextModelWithProjection
+
+    import modeling_sera
+
+    PartialState(cpu=True)  # train.py logs through accelerate
+    config = modeling_sera.SeraConfig.from_pretrained(TINY_CONFIG)
+    torch.manual_seed(123)
+    vision = AutoModel.from_config(config.vision_config)
+    text = CLIPTextModelWithProjection(config.text_config)
+    vision.save_pretrained(tmp_path / "encoders" / "vision_encoder")
+    text.save_pretrained(tmp_path / "encoders" / "text_encoder")
+
+    tunings = ["freeze"] + (["peft"] if hasattr(modeling_sera, "SeraTunerConfig") else [])
+    trainable_counts = {}
+    for tuning in tunings:
+        args = train.parse_args(
+            ["--config_name", str(TINY_CONFIG), "--encoder_weights", str(tmp_path / "encoders"), "--tuning", tuning]
+        )
+        model, used = train.build_trainable_model(config, args)
+        assert used == tuning
+        sera = model.get_base_model() if tuning == "peft" else model
+        loaded_vision, loaded_text = sera.model.vision_model, sera.model.text_model
+        assert torch.equal(
+            loaded_vision.embeddings.patch_embeddings.projection.weight,
+            vision.embeddings.patch_embeddings.projection.weight,
+        )
+        assert torch.equal(loaded_vision.encoder.layer[2].mlp.fc2.weight, vision.encoder.layer[2].mlp.fc2.weight)
+        assert torch.equal(
+            loaded_text.text_model.embeddings.token_embedding.weight, text.text_model.embeddings.token_embedding.weight
+        )
+        trainable = [name for name, _ in train.trainable_named_parameters(model)]
+        # The paper's regime: encoder weights frozen, their norms and biases trained, SERA modules and head trained.
+        assert not any(name.endswith("patch_embeddings.projection.weight") for name in trainable)
+        assert not any(name.endswith("token_embedding.weight") for name in trainable)
+        assert any("layernorm" in name and "vision_model" in name for name in trainable)
+        assert any("sera_adapter" in name for name in trainable) and any("decoder" in name for name in trainable)
+        trainable_counts[tuning] = sum(parameter.numel() for _, parameter in train.trainable_named_parameters(model))
+    assert len(set(trainable_counts.values())) == 1, trainable_counts  # both ways train the same set
+
+
+@pytest.mark.parametrize("problem", ["missing", "unreadable"])
+def test_bad_dataset_fails_at_start(tmp_path, capsys, problem, in_process_accelerate):
+    import train
+
+    if problem == "missing":
+        source = tmp_path / "no-such-dataset"
+    else:
+        source = tmp_path / "damaged"
+        source.mkdir()
+        (source / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    code = train.main(
+        [
+            "--config_name",
+            str(TINY_CONFIG),
+            "--dataset",
+            str(source),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--report_to",
+            "none",
+        ]
+    )
+    assert code == train.EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert f"Could not load the dataset {str(source)!r}" in error
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launched runs
+
+
+def test_end_to_end_outputs(uninterrupted_run):
+    from transformers import AutoModel, AutoProcessor
+
+    output_dir, result = uninterrupted_run
+    # The printed table, per category too.
+    assert "| test |" in result.stdout and "| test_unseen |" in result.stdout
+    assert "| test | attribute |" in result.stdout
+
+    report = json.loads((output_dir / "eval_results.json").read_text())
+    assert set(report) >= {"data", "units", "splits", "validation", "train", "recipe"}
+    assert set(report["splits"]) == {"test", "test_unseen"}
+    for scores in report["splits"].values():
+        assert {"oIoU", "mIoU", "Prec@0.5", "Prec@0.9", "num_samples", "per_category"} <= set(scores)
+        assert scores["num_samples"] == 6
+    assert [entry["step"] for entry in report["validation"]["history"]] == [2, 4]
+    assert report["train"]["completed_steps"] == 4 and report["train"]["tuning"] in ("peft", "freeze")
+    assert report["recipe"]["learning_rate"] == 1e-4
+
+    card = (output_dir / "README.md").read_text()
+    assert "results start: synthref" in card and "| test_unseen |" in card
+    assert list((output_dir / "runs").rglob("events.out.tfevents.*")), "no tensorboard logs"
+    checkpoints = output_dir / "checkpoints"
+    assert {path.name for path in checkpoints.iterdir()} == {"best", "step_1", "step_2", "step_3", "step_4"}
+    progress = json.loads((checkpoints / "step_4" / "progress.json").read_text())
+    assert (progress["completed_steps"], progress["epoch"], progress["batches_in_epoch"]) == (4, 1, 3)
+
+    # A standalone folder: merged weights, processor and remote code.
+    assert (output_dir / "modeling_sera.py").is_file() and (output_dir / "processing_sera.py").is_file()
+    model, loading = AutoModel.from_pretrained(output_dir, trust_remote_code=True, output_loading_info=True)
+    processor = AutoProcessor.from_pretrained(output_dir, trust_remote_code=True)
+    assert type(model).__name__ == "SeraForReferringSegmentation"
+    assert model.config.use_sera_adapter and model.config.use_sera_fusion
+    assert not any(loading[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), loading
+    inputs = processor(images=[torch.zeros(3, 50, 70)], text=["the red circle"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(
+            pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_resume_is_bit_identical(uninterrupted_run, cache_dir, tmp_path):
+    reference, _ = uninterrupted_run
+    output_dir = tmp_path / "interrupted"
+    stopped = launch(RESUME_ARGS + " --stop_after_steps 1 --test_splits ''", output_dir, cache_dir)
+    check_ok(stopped)
+    assert not (output_dir / "config.json").exists(), "a stopped run must not write the final model"
+    assert json.loads((output_dir / "checkpoints" / "step_1" / "progress.json").read_text())["batches_in_epoch"] == 2
+
+    resumed = launch(RESUME_ARGS + " --resume_from_checkpoint latest --test_splits ''", output_dir, cache_dir)
+    check_ok(resumed)
+    assert "Resumed from" in resumed.stderr + resumed.stdout
+
+    expected_history = json.loads((reference / "eval_results.json").read_text())["validation"]["history"]
+    assert json.loads((output_dir / "eval_results.json").read_text())["validation"]["history"] == expected_history
+    for step in (2, 4):  # the first step after the resume, and the end (after crossing into the next epoch)
+        expected = load_file(reference / "checkpoints" / f"step_{step}" / "model.safetensors")
+        actual = load_file(output_dir / "checkpoints" / f"step_{step}" / "model.safetensors")
+        assert expected.keys() == actual.keys()
+        different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+        assert not different, f"step {step}: weights differ after resuming: {different[:5]}"
+    # The comparison means something: the trained weights did move between the checkpoints.
+    first = load_file(reference / "checkpoints" / "step_1" / "model.safetensors")
+    last = load_file(reference / "checkpoints" / "step_4" / "model.safetensors")
+    assert sum(not torch.equal(first[name], last[name]) for name in first) > 50
+
+
+def test_non_finite_loss_stops_with_message(cache_dir, tmp_path):
+    output_dir = tmp_path / "diverging"
+    options = (
+        "--learning_rate 1e30 --max_train_samples 4 --per_device_train_batch_size 2 --max_train_steps 4 "
+        "--validation_split none --checkpointing_steps none"
+    )
+    result = launch(options, output_dir, cache_dir)
+    assert result.returncode != 0
+    assert "non-finite loss at optimizer step 2" in result.stderr
+    assert "mask_loss=" in result.stderr or "router_" in result.stderr
+    assert f"last good checkpoint is {output_dir / 'checkpoints' / 'step_1'}" in result.stderr
+    weights = load_file(output_dir / "checkpoints" / "step_1" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values() if tensor.is_floating_point())
+    assert not (output_dir / "config.json").exists()
+
+
+def test_two_processes_shard_data_and_stay_in_sync(cache_dir, tmp_path):
+    output_dir = tmp_path / "ddp"
+    debug_dir = tmp_path / "debug"
+    options = (
+        "--max_train_samples 8 --per_device_train_batch_size 2 --max_train_steps 2 --eval_steps 2 "
+        f"--max_eval_samples 4 --checkpointing_steps none --debug_log_dir {debug_dir}"
+    )
+    result = launch(options, output_dir, cache_dir, num_processes=2)
+    check_ok(result)
+    seen = {}
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (debug_dir / f"samples_rank{rank}.jsonl").read_text().splitlines()]
+        assert len(records) == 2 and all(len(record["sample_ids"]) == 2 for record in records)
+        seen[rank] = [sample for record in records for sample in record["sample_ids"]]
+    assert not set(seen[0]) & set(seen[1]), f"both processes trained on the same samples: {seen}"
+    assert len(set(seen[0]) | set(seen[1])) == 8  # one epoch over the 8 samples, split between the processes
+    checksums = [json.loads((debug_dir / f"weights_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert checksums[0]["sha256"] == checksums[1]["sha256"], "the processes' trainable weights diverged"
+    assert checksums[0]["completed_steps"] == 2
+    report = json.loads((output_dir / "eval_results.json").read_text())
+    assert report["train"]["num_processes"] == 2 and set(report["splits"]) == {"test", "test_unseen"}
