@@ -206,6 +206,21 @@ def test_recipe_and_command_line_overrides(tmp_path):
         train.parse_args(["--config_name", str(TINY_CONFIG), "--recipe", str(custom)])
 
 
+def test_config_overrides_give_the_papers_ablation_rows():
+    import train
+
+    args = train.parse_args(
+        ["--config_name", str(TINY_CONFIG), "--config_overrides", "use_sera_adapter=false,use_sera_fusion=false"]
+    )
+    config = train.load_model_config(args)
+    assert not config.use_sera_adapter and not config.use_sera_fusion
+    args = train.parse_args(["--config_name", str(TINY_CONFIG), "--config_overrides", "fusion_top_k=2"])
+    assert train.load_model_config(args).fusion_top_k == 2
+    args = train.parse_args(["--config_name", str(TINY_CONFIG), "--config_overrides", "fusion_top_k=9"])
+    with pytest.raises(train.TrainingError, match="fusion_top_k"):
+        train.load_model_config(args)
+
+
 def test_paper_recipe_files():
     for name in ("sera-synthref-tiny", "sera-refcoco"):
         recipe = json.loads((REPO_ROOT / "hub_configs" / name / "training_recipe.json").read_text())

@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--config_name", default=DEFAULT_CONFIG_NAME, help="folder with config.json and the processor")
     run.add_argument("--recipe", help=f"training recipe JSON (default: <config_name>/{RECIPE_FILE})")
+    run.add_argument(
+        "--config_overrides",
+        help="SeraConfig fields to change, e.g. 'use_sera_adapter=false,use_sera_fusion=false' (the paper's baseline) "
+        "or 'fusion_top_k=2'",
+    )
     run.add_argument("--output_dir", help="model folder to write (default: outputs/<config folder name>)")
     run.add_argument(
         "--resume_from_checkpoint",
@@ -411,8 +416,20 @@ def capped(dataset: datasets.Dataset, limit, seed: int) -> datasets.Dataset:
 # Model
 
 
-def load_config_and_processor(args) -> tuple[SeraConfig, SeraProcessor]:
+def load_model_config(args) -> SeraConfig:
+    """The config folder's SeraConfig with --config_overrides applied and checked again."""
     config = SeraConfig.from_pretrained(args.config_dir)
+    if getattr(args, "config_overrides", None):
+        try:
+            config.update_from_string(args.config_overrides)
+            config.check_settings()
+        except ValueError as error:
+            raise TrainingError(f"--config_overrides {args.config_overrides!r}: {error}") from error
+    return config
+
+
+def load_config_and_processor(args) -> tuple[SeraConfig, SeraProcessor]:
+    config = load_model_config(args)
     encoders = find_encoders(args)
     try:
         if (args.config_dir / "processor_config.json").is_file():
@@ -758,7 +775,11 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
 
     # With fewer than all fusion experts per sample, an expert can go unused in a step: DDP must then be told.
-    config = SeraConfig.from_pretrained(args.config_dir)
+    try:
+        config = load_model_config(args)
+    except TrainingError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     sparse_routing = config.use_sera_fusion and config.fusion_top_k < FUSION_NUM_EXPERTS
     accelerator = Accelerator(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if sparse_routing else None,
