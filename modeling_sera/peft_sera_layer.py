@@ -103,7 +103,9 @@ class SeraAdapterLayer(nn.Module, SeraLayer):
                     "SERA-Adapter called without word features: run the vision tower through SeraModel, which sets "
                     "them with set_vision_context() before each forward."
                 )
-            adapter_output, self.router_weights = adapter(hidden_states, self.context)
+            adapter_output, router_weights = adapter(hidden_states, self.context)
+            # Detached: a live tensor would keep the replayed forward's graph alive under activation checkpointing.
+            self.router_weights = router_weights.detach()
             result = result + self.scale[adapter_name] * adapter_output
         return result
 

@@ -174,5 +174,8 @@ class SeraAdaptedMLP(nn.Module):
                 "SERA-Adapter called without word features: run the vision tower through SeraModel, which sets "
                 "them with set_vision_context() before each forward."
             )
-        adapter_output, self.router_weights = self.sera_adapter(hidden_states, self.context)
+        adapter_output, router_weights = self.sera_adapter(hidden_states, self.context)
+        # Detached: kept for inspection only. A live tensor here would keep the autograd graph of the replayed
+        # forward (and every activation it saved) alive until the next step under activation checkpointing.
+        self.router_weights = router_weights.detach()
         return self.base_layer(hidden_states) + self.scale * adapter_output

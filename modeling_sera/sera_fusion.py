@@ -27,7 +27,9 @@ _LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
 
 def depthwise_filter(grid: torch.Tensor, taps, normalize: bool = False) -> torch.Tensor:
     """Apply one fixed 3x3 filter to every channel (replicate padding so borders do not look like edges)."""
-    kernel = torch.tensor(taps, device=grid.device, dtype=grid.dtype)
+    # Made on the host, then sent without blocking: `torch.tensor(taps, device="cuda")` would wait for every queued
+    # kernel to finish (a host-device synchronisation per filter, twelve per forward).
+    kernel = torch.tensor(taps, dtype=grid.dtype).to(grid.device, non_blocking=True)
     if normalize:
         kernel = kernel / kernel.sum()
     channels = grid.shape[1]

@@ -1,0 +1,126 @@
+"""Does SERA run under `torch.compile`, where does the graph break, and what does compiling gain?
+
+    python benchmarks/compile_speed.py                          # real size, batch 1 (GPU: bf16)
+    python benchmarks/compile_speed.py --config hub_configs/sera-synthref-tiny
+
+Reports the graph breaks (`torch._dynamo.explain`), the compile time (first call), the largest difference between
+compiled and eager logits, and the eager and compiled forward timed in interleaved rounds (ratio compiled / eager).
+"""
+
+import argparse
+import time
+
+import torch
+import torch._inductor.config
+from benchmark_utils import (
+    add_common_arguments,
+    build_model,
+    interleaved_timing,
+    log,
+    machine_info,
+    make_inputs,
+    markdown_table,
+    ratio_summary,
+    setup_threads,
+    synchronize,
+    write_json,
+)
+
+
+def graph_breaks(model, inputs) -> dict:
+    explanation = torch._dynamo.explain(model)(**inputs)
+    reasons = {}
+    for item in explanation.break_reasons:
+        frame = item.user_stack[-1] if item.user_stack else None
+        where = f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}" if frame else "?"
+        reason = item.reason.strip().splitlines()[0]
+        reasons[f"{reason} ({where})"] = reasons.get(f"{reason} ({where})", 0) + 1
+    torch._dynamo.reset()
+    return {"graphs": explanation.graph_count, "breaks": explanation.graph_break_count, "reasons": reasons}
+
+
+def run(args) -> dict:
+    setup_threads(args.device, args.threads)
+    if not args.warm_cache:
+        # A cold compile, as a user's first run gets it: the on-disk caches of earlier runs would hide its cost.
+        torch._inductor.config.force_disable_caches = True
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = build_model(args.config, "sera", args.image_size, args.device, dtype).eval()
+    inputs = make_inputs(model.config, args.batch_size, device=args.device)
+
+    with torch.inference_mode():
+        breaks = graph_breaks(model, inputs)
+        log(f"compile: {breaks['graphs']} graphs, {breaks['breaks']} breaks; compiling (mode={args.mode})")
+        compiled = torch.compile(model, mode=args.mode)
+        synchronize(args.device)
+        start = time.perf_counter()
+        compiled_logits = compiled(**inputs).logits
+        synchronize(args.device)
+        compile_seconds = time.perf_counter() - start
+        eager_logits = model(**inputs).logits
+        difference = (compiled_logits.float() - eager_logits.float()).abs().max().item()
+        scale = eager_logits.float().abs().max().item()
+        seconds = interleaved_timing(
+            {"eager": lambda: model(**inputs), "compiled": lambda: compiled(**inputs)},
+            args.repeats,
+            warmup=1,
+            device=args.device,
+            log=log,
+        )
+    summary = ratio_summary(seconds, "eager")
+    return {
+        "machine": machine_info(args.device),
+        "config": args.config,
+        "image_size": model.config.image_size,
+        "batch_size": args.batch_size,
+        "dtype": str(dtype),
+        "mode": args.mode,
+        "graph_breaks": breaks,
+        "compile_seconds": compile_seconds,
+        "cold_compile": not args.warm_cache,
+        "max_abs_logit_difference": difference,
+        "max_abs_logit": scale,
+        "timing": summary,
+        "seconds": seconds,
+    }
+
+
+def format_results(results: dict) -> str:
+    timing = results["timing"]
+    rows = [
+        [
+            name,
+            f"{1e3 * timing[name]['median_s']:.0f}",
+            f"{timing[name]['ratio']:.3f}x ({timing[name]['ratio_min']:.2f}-{timing[name]['ratio_max']:.2f})",
+        ]
+        for name in ("eager", "compiled")
+    ]
+    text = markdown_table(["SERA forward", "latency ms", "vs eager (min-max)"], rows)
+    breaks = results["graph_breaks"]
+    text += (
+        f"\n\nCompiles and runs: {breaks['graphs']} graphs, {breaks['breaks']} graph breaks; first call "
+        f"({'cold' if results.get('cold_compile') else 'warm-cache'} compile) {results['compile_seconds']:.0f} s; largest |compiled - eager| logit difference "
+        f"{results['max_abs_logit_difference']:.2e} (logits up to {results['max_abs_logit']:.2f})."
+    )
+    if breaks["reasons"]:
+        text += "\n\nGraph breaks:\n" + "\n".join(
+            f"- {count}x {reason}" for reason, count in breaks["reasons"].items()
+        )
+    return text
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune, ...).")
+    parser.add_argument("--warm-cache", action="store_true", help="Let inductor reuse its on-disk compile caches.")
+    args = parser.parse_args()
+    results = run(args)
+    write_json(args.output, results)
+    print(format_results(results))
+
+
+if __name__ == "__main__":
+    main()
