@@ -697,70 +697,15 @@ def evaluate_split(model, processor, dataset, args) -> dict:
     return results
 
 
-def write_model_card(path: Path, args, results_by_split: dict, training_summary: dict, data_name: str) -> None:
-    from evaluation import update_model_card
+def write_model_card(path: Path, model, args, report: dict) -> None:
+    """The draft card of the trained folder, rendered like a published one (``model_card.build_model_card``)."""
+    from model_card import build_model_card
 
-    recipe = recipe_of(args)
-    rows = "\n".join(
-        f"| `{key}` | `{json.dumps(recipe[key])}` |"
-        for key in (
-            "learning_rate",
-            "optimizer",
-            "lr_milestones",
-            "lr_gamma",
-            "num_train_epochs",
-            "max_train_steps",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "horizontal_flip_probability",
-            "seed",
-        )
+    reports = [report] if report["splits"] else []
+    card = build_model_card(
+        model, repo_id=args.output_dir.name, recipe=recipe_of(args), reports=reports, training_summary=report["train"]
     )
-    card = f"""---
-library_name: transformers
-pipeline_tag: image-segmentation
-tags:
-- referring-image-segmentation
-- sera
-- custom_code
----
-
-# {args.output_dir.name}
-
-SERA (spatio-semantic expert routing) for referring image segmentation: given an image and an expression, one
-binary mask of the object the expression refers to. Trained with `training/train.py` from
-`{args.config_dir.name}` on `{data_name}`. *Draft model card: review before publishing.*
-
-## Usage
-
-```python
-from transformers import AutoModel, AutoProcessor
-
-model = AutoModel.from_pretrained("{args.output_dir.name}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{args.output_dir.name}", trust_remote_code=True)
-inputs = processor(images=[image], text=["the red circle on the left"], return_tensors="pt")
-outputs = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"])
-mask = processor.post_process_referring_segmentation(outputs, target_sizes=inputs["original_sizes"])[0]["mask"]
-```
-
-## Training
-
-- Encoders: {training_summary["encoders"]}.
-- Trained: SERA-Adapters, SERA-Fusion, the head and the encoders' LayerNorm and bias terms
-  ({training_summary["trainable_parameters"]:,} of {training_summary["total_parameters"]:,} parameters).
-- {training_summary["completed_steps"]} optimizer steps ({training_summary["epochs"]:.2f} epochs) on \
-{training_summary["num_processes"]} process(es) in {training_summary["train_runtime_s"]:.0f} s; the weights are from \
-{training_summary["weights_from"]}.
-- The full recipe is in `training_recipe.json`.
-
-| recipe field | value |
-|---|---|
-{rows}
-"""
-    path.write_text(card, encoding="utf-8")
-    if results_by_split:
-        update_model_card(path, results_by_split, data_name)
+    card.save(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1081,7 +1026,7 @@ def train(args, accelerator: Accelerator) -> int:
         "recipe": recipe_of(args),
     }
     (args.output_dir / "eval_results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    write_model_card(args.output_dir / "README.md", args, results_by_split, training_summary, data_name)
+    write_model_card(args.output_dir / "README.md", final_model, args, report)
 
     if results_by_split:
         from evaluation import format_category_table, format_results_table
