@@ -4,6 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from coco_fixtures import column_major_runs, rectangle_polygon
+from coco_fixtures import rectangle_mask as rectangles_mask
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -22,27 +24,9 @@ from coco_masks import (  # noqa: E402
 HEIGHT, WIDTH = 12, 16
 
 
-def rectangle_polygon(x0, y0, x1, y1):
-    return [x0, y0, x1, y0, x1, y1, x0, y1]
-
-
 def rectangle_mask(x0, y0, x1, y1, height=HEIGHT, width=WIDTH):
-    """The pixels a rectangle polygon with these corners covers: columns x0..x1-1, rows y0..y1-1."""
-    mask = np.zeros((height, width), dtype=bool)
-    mask[y0:y1, x0:x1] = True
-    return mask
-
-
-def column_major_runs(mask):
-    """Uncompressed COCO RLE counts, computed independently of pycocotools: runs of 0s and 1s, column by column."""
-    runs, current, length = [], False, 0
-    for value in np.asarray(mask, dtype=bool).flatten(order="F"):
-        if value != current:
-            runs.append(length)
-            current, length = value, 0
-        length += 1
-    runs.append(length)
-    return runs
+    """The pixels one rectangle polygon with these corners covers."""
+    return rectangles_mask(height, width, (x0, y0, x1, y1))
 
 
 def test_rectangle_polygon_covers_exactly_the_pixels_inside_its_corners():

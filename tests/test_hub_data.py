@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from datasets import List, Value
+from coco_fixtures import column_major_runs, rectangle_mask, rectangle_polygon
 from PIL import Image
 
 
@@ -84,29 +85,6 @@ BENCHMARK_FEATURES = datasets.Features(
         "image": datasets.Image(),
     }
 )
-
-
-def rectangle_polygon(x0, y0, x1, y1):
-    return [x0, y0, x1, y0, x1, y1, x0, y1]
-
-
-def rectangle_mask(height, width, *rectangles):
-    """Pixels covered by rectangle polygons with corners (x0, y0)-(x1, y1): columns x0..x1-1, rows y0..y1-1."""
-    mask = np.zeros((height, width), dtype=bool)
-    for x0, y0, x1, y1 in rectangles:
-        mask[y0:y1, x0:x1] = True
-    return mask
-
-
-def column_major_runs(mask):
-    runs, current, length = [], False, 0
-    for value in mask.flatten(order="F"):
-        if value != current:
-            runs.append(length)
-            current, length = value, 0
-        length += 1
-    runs.append(length)
-    return runs
 
 
 def encoded_image(pixels, format):

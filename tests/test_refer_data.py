@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from coco_fixtures import column_major_runs, rectangle_mask, rectangle_polygon
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -17,29 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 
 from data_schema import EXAMPLE_FEATURES  # noqa: E402
 from refer_data import load_refer_dataset  # noqa: E402
-
-
-def rectangle_polygon(x0, y0, x1, y1):
-    return [x0, y0, x1, y0, x1, y1, x0, y1]
-
-
-def rectangle_mask(height, width, *rectangles):
-    """Pixels covered by rectangle polygons with corners (x0, y0)-(x1, y1): columns x0..x1-1, rows y0..y1-1."""
-    mask = np.zeros((height, width), dtype=bool)
-    for x0, y0, x1, y1 in rectangles:
-        mask[y0:y1, x0:x1] = True
-    return mask
-
-
-def column_major_runs(mask):
-    runs, current, length = [], False, 0
-    for value in mask.flatten(order="F"):
-        if value != current:
-            runs.append(length)
-            current, length = value, 0
-        length += 1
-    runs.append(length)
-    return runs
 
 
 def save_image(path, pixels, format, exif_orientation=None):
