@@ -23,6 +23,7 @@ reports its peak resident set growth (VmHWM), a cross-check that includes everyt
 
 import argparse
 import contextlib
+import gc
 import json
 import subprocess
 import sys
@@ -223,6 +224,9 @@ def measure_cpu(regime: str, args, batch_size: int, fake: bool, **overrides) -> 
 
 
 def measure_cuda(regime: str, args, batch_size: int) -> dict:
+    # The regimes run one after another in this process: the last one's tensors must be gone before this peak.
+    gc.collect()
+    torch.cuda.empty_cache()
     model, optimizer = prepare(regime, args.config, args.image_size, args.device)
     inputs = make_inputs(model.config, batch_size, device=args.device, labels=True)
     training_step(model, optimizer, inputs, args.device, torch.bfloat16)

@@ -65,7 +65,8 @@ class SeraReferringSegmentationOutput(ModelOutput):
         Mask logits over the whole letterboxed input at 1/4 of its resolution; the processor's
         `post_process_referring_segmentation` maps them back to the original image.
     mask_loss (`torch.FloatTensor`, *optional*):
-        Binary cross-entropy with logits against the labels resized to the logits' resolution.
+        Binary cross-entropy with logits against the labels resized to the logits' resolution, plus
+        `config.dice_loss_weight` times a soft Dice loss when that weight is positive.
     router_z_loss, router_balance_loss, router_entropy_loss (`torch.FloatTensor`, *optional*):
         The weighted MoE regularizers of the SERA-Fusion routers (zero without SERA-Fusion), in training mode.
     adapter_router_weights, fusion_router_weights, fusion_router_logits, vision_hidden_states:
@@ -333,8 +334,8 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
                     is_norm_or_bias = is_norm or param_name == "bias"
                     param.requires_grad_(in_adapter or (train_norms_and_biases and is_norm_or_bias))
 
-    @staticmethod
-    def mask_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def mask_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """BCE with logits on the logits' grid, plus `config.dice_loss_weight` times a soft Dice loss."""
         if labels.ndim == 4 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
@@ -342,8 +343,16 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
                 f"labels must have shape (batch, height, width) with batch {logits.shape[0]}, got "
                 f"{tuple(labels.shape)}; build them with SeraProcessor(..., masks=...)."
             )
-        targets = F.interpolate(labels[:, None].to(logits.dtype), size=logits.shape[-2:], mode="area")
-        return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+        targets = F.interpolate(labels[:, None].to(logits.dtype), size=logits.shape[-2:], mode="area").float()
+        logits = logits.float()
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        if self.config.dice_loss_weight > 0:
+            probabilities = logits.sigmoid().flatten(1)
+            targets = targets.flatten(1)
+            overlap = (probabilities * targets).sum(-1)
+            dice = 1 - (2 * overlap + 1) / (probabilities.sum(-1) + targets.sum(-1) + 1)
+            loss = loss + self.config.dice_loss_weight * dice.mean()
+        return loss
 
     def router_losses(self, logits, weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weighted MoE regularizers averaged over the fused levels; zeros in eval mode or without SERA-Fusion."""

@@ -263,6 +263,70 @@ def test_half_precision_weights_run_and_stay_close(dtype):
     torch.testing.assert_close(half.float(), reference, atol=0.1, rtol=0.1)
 
 
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["bf16 weights", "bf16 autocast"])
+def test_bf16_on_the_gpu_matches_fp32_on_the_cpu(mode):
+    model = build().eval()
+    batch = tiny_batch(4)
+    with torch.no_grad():
+        reference = model(**batch).logits
+        gpu_batch = {name: value.to("cuda") for name, value in batch.items()}
+        if mode == "bf16 weights":
+            logits = model.to("cuda", torch.bfloat16)(**gpu_batch).logits
+            assert logits.dtype == torch.bfloat16
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model.to("cuda")(**gpu_batch).logits
+    assert logits.device.type == "cuda"
+    torch.testing.assert_close(logits.float().cpu(), reference, atol=0.1, rtol=0.1)
+    masks_agree = ((logits.float().cpu() > 0) == (reference > 0)).float().mean()
+    assert masks_agree > 0.97
+
+
+@requires_cuda
+def test_bf16_autocast_training_step_on_the_gpu():
+    model = build(fusion_router_noise_std=0.0).to("cuda")
+    model.freeze_encoders()
+    model.train()
+    batch = {name: value.to("cuda") for name, value in tiny_batch(4).items()}
+    labels = (torch.rand(4, *batch["pixel_values"].shape[-2:], device="cuda") > 0.8).float()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outputs = model(**batch, labels=labels)
+    assert outputs.loss.dtype == torch.float32 and torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+    optimizer.step()
+    trained = [name for name, parameter in model.named_parameters() if parameter.grad is not None]
+    assert len(trained) > 0.9 * sum(parameter.requires_grad for parameter in model.parameters())
+    for name, parameter in model.named_parameters():
+        changed = not torch.equal(parameter, before[name])
+        assert changed == (name in trained), name
+
+
+def test_dice_loss_weight_adds_a_soft_dice_term():
+    model = build()
+    batch = tiny_batch(2)
+    size = batch["pixel_values"].shape[-1]
+    labels = torch.zeros(2, size, size)
+    labels[:, : size // 2, : size // 3] = 1
+    with torch.no_grad():
+        logits = model(**batch).logits
+        bce = model.mask_loss(logits, labels)
+        model.config.dice_loss_weight = 0.5
+        combined = model.mask_loss(logits, labels)
+    targets = torch.nn.functional.interpolate(labels[:, None], size=logits.shape[-2:], mode="area").flatten(1)
+    probabilities = logits.sigmoid().flatten(1)
+    dice = 1 - (2 * (probabilities * targets).sum(-1) + 1) / (probabilities.sum(-1) + targets.sum(-1) + 1)
+    torch.testing.assert_close(combined, bce + 0.5 * dice.mean())
+    assert combined > bce
+    with pytest.raises(ValueError, match="dice_loss_weight"):
+        tiny_sera_config(dice_loss_weight=-1.0)
+
+
 def test_sdpa_and_eager_encoders_agree():
     batch = tiny_batch(2)
     logits = []

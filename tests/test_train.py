@@ -158,19 +158,19 @@ def test_recipe_and_command_line_overrides(tmp_path):
 
     args = train.parse_args(["--config_name", str(TINY_CONFIG)])
     recipe = json.loads((TINY_CONFIG / "training_recipe.json").read_text())
-    assert args.learning_rate == recipe["learning_rate"] == 1e-4
-    assert args.lr_milestones == [35, 55] and args.num_train_epochs == 65 and args.lr_gamma == 0.1
+    assert args.learning_rate == recipe["learning_rate"] == 3e-4
+    assert args.lr_milestones == recipe["lr_milestones"] == [60]
+    assert args.num_train_epochs == 65 and args.lr_gamma == 0.1
     assert args.per_device_train_batch_size == 16 and args.horizontal_flip_probability == 0.0
     assert args.output_dir == Path("outputs") / "sera-synthref-tiny"
-    # The decays keep their place in a shortened run: 35/65 and 55/65 of the steps.
-    assert train.milestone_steps(args, 650) == [350, 550]
-    assert train.milestone_steps(args, args.max_train_steps) == [
-        round(35 * args.max_train_steps / 65),
-        round(55 * args.max_train_steps / 65),
-    ]
+    # A milestone keeps its place in a shortened run: 60/65 of the steps.
+    assert train.milestone_steps(args, 650) == [600]
+    assert train.milestone_steps(args, args.max_train_steps) == [round(60 * args.max_train_steps / 65)]
+    paper = train.parse_args(["--config_name", str(TINY_CONFIG), "--lr_milestones", "35", "55"])
+    assert train.milestone_steps(paper, 650) == [350, 550]
 
     custom = tmp_path / "recipe.json"
-    custom.write_text(json.dumps({"learning_rate": 3e-4, "max_train_steps": 50, "eval_steps": 5}))
+    custom.write_text(json.dumps({"learning_rate": 5e-4, "max_train_steps": 50, "eval_steps": 5}))
     args = train.parse_args(
         [
             "--config_name",
@@ -193,7 +193,7 @@ def test_recipe_and_command_line_overrides(tmp_path):
             "train=5,test=2",
         ]
     )
-    assert (args.learning_rate, args.max_train_steps, args.seed) == (3e-4, 50, 3)
+    assert (args.learning_rate, args.max_train_steps, args.seed) == (5e-4, 50, 3)
     assert args.lr_milestones == [2, 4] and args.eval_steps is None and args.validation_split is None
     assert args.test_splits == ["test"] and args.checkpointing_steps == "epoch"
     assert args.synthetic_num_images == {"train": 5, "test": 2}
@@ -224,9 +224,14 @@ def test_config_overrides_give_the_papers_ablation_rows():
 def test_paper_recipe_files():
     for name in ("sera-synthref-tiny", "sera-refcoco"):
         recipe = json.loads((REPO_ROOT / "hub_configs" / name / "training_recipe.json").read_text())
-        assert recipe["optimizer"] == "adam" and recipe["learning_rate"] == 1e-4
-        assert recipe["lr_milestones"] == [35, 55] and recipe["lr_gamma"] == 0.1 and recipe["num_train_epochs"] == 65
+        assert recipe["optimizer"] == "adam" and recipe["lr_gamma"] == 0.1 and recipe["num_train_epochs"] == 65
         assert recipe["per_device_train_batch_size"] == 16 and recipe["horizontal_flip_probability"] == 0.0
+    paper = json.loads((REPO_ROOT / "hub_configs/sera-refcoco/training_recipe.json").read_text())
+    assert paper["learning_rate"] == 1e-4 and paper["lr_milestones"] == [35, 55]
+    # The tiny default run departs from the paper only where its recipe says so.
+    tiny = json.loads((REPO_ROOT / "hub_configs/sera-synthref-tiny/training_recipe.json").read_text())
+    assert (tiny["learning_rate"], tiny["lr_milestones"], tiny["max_train_steps"]) == (3e-4, [60], 500)
+    assert "lr 3e-4" in tiny["_comment"] and "60/65" in tiny["_comment"]
     assert json.loads((REPO_ROOT / "hub_configs/sera-refcoco/training_recipe.json").read_text())["image_size"] == 448
 
 
@@ -321,7 +326,7 @@ def test_end_to_end_outputs(uninterrupted_run):
         assert scores["num_samples"] == 6
     assert [entry["step"] for entry in report["validation"]["history"]] == [2, 4]
     assert report["train"]["completed_steps"] == 4 and report["train"]["tuning"] in ("peft", "freeze")
-    assert report["recipe"]["learning_rate"] == 1e-4
+    assert report["recipe"]["learning_rate"] == 3e-4
 
     card = (output_dir / "README.md").read_text()
     assert "results start: synthref" in card and "| test_unseen |" in card
