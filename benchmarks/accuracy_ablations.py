@@ -13,13 +13,15 @@ Each run is a `training/train.py` process (its own output folder under `--output
 mIoU and oIoU (overall, per expression category, on the unseen-combination split). After training, each run with
 routers is read again on the test split to count how each expert is used per expression category. Seeds are
 aggregated as mean +- sample standard deviation (n-1). Finished runs are reused, so an interrupted sweep picks up
-where it stopped.
+where it stopped (a run is redone when its command, config or recipe changed).
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,13 +78,18 @@ def run_one(name: str, overrides: dict, seed: int, args, train_args: list[str]) 
     run_dir = Path(args.output_dir) / name / f"seed{seed}"
     log_path = run_dir.parent / f"seed{seed}.log"
     results_path = run_dir / "eval_results.json"
+    fingerprint_path = run_dir.parent / f"seed{seed}.fingerprint"
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    if not results_path.exists():
+    command = [sys.executable, str(TRAIN_SCRIPT), "--output_dir", str(run_dir), "--seed", str(seed)]
+    command += ["--report_to", "none", "--no_progress_bar", "--cpu_threads", str(args.threads), *train_args]
+    if overrides:
+        command += ["--config_overrides", overrides_string(overrides)]
+    fingerprint = run_fingerprint(command, args.config_name)
+    reusable = results_path.exists() and fingerprint_path.exists() and fingerprint_path.read_text() == fingerprint
+    if not reusable:
+        # A finished run is reused only if it ran this very command on this very config and recipe.
+        shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, str(TRAIN_SCRIPT), "--output_dir", str(run_dir), "--seed", str(seed)]
-        command += ["--report_to", "none", "--no_progress_bar", *train_args]
-        if overrides:
-            command += ["--config_overrides", overrides_string(overrides)]
         start = time.perf_counter()
         with open(log_path, "w") as log:
             log.write(shlex.join(command) + "\n")
@@ -91,6 +98,7 @@ def run_one(name: str, overrides: dict, seed: int, args, train_args: list[str]) 
         print(f"  {name} seed {seed}: exit {completed.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
         if completed.returncode != 0:
             return {"name": name, "seed": seed, "error": f"train.py exited with {completed.returncode}; see {log_path}"}
+        fingerprint_path.write_text(fingerprint)
     record = {"name": name, "seed": seed, **json.loads(results_path.read_text())}
 
     routing_path = run_dir / "routing.json"
@@ -103,6 +111,15 @@ def run_one(name: str, overrides: dict, seed: int, args, train_args: list[str]) 
     if routing_path.exists():
         record["routing"] = json.loads(routing_path.read_text())
     return record
+
+
+def run_fingerprint(command: list[str], config_name: str) -> str:
+    """The command (interpreter aside) and the contents of the config and recipe it trains from."""
+    digest = hashlib.sha256(json.dumps(command[1:]).encode())
+    for name in ("config.json", "training_recipe.json"):
+        path = Path(config_name) / name
+        digest.update(path.read_bytes() if path.exists() else b"")
+    return digest.hexdigest()
 
 
 def routing_statistics(model_dir: str, split: str = "test", batch_size: int = 64) -> dict:

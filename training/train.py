@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import sys
@@ -208,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or 'fusion_top_k=2'",
     )
     run.add_argument("--output_dir", help="model folder to write (default: outputs/<config folder name>)")
+    run.add_argument(
+        "--cpu_threads",
+        type=int,
+        help="torch threads per process when training on CPU (default: the cores this process may use, shared among "
+        "the processes on this machine; `accelerate launch` alone would leave one thread)",
+    )
     run.add_argument(
         "--resume_from_checkpoint",
         nargs="?",
@@ -712,6 +719,16 @@ def write_model_card(path: Path, model, args, report: dict) -> None:
 # Training
 
 
+def cpu_threads_per_process(accelerator: Accelerator) -> int:
+    """The cores this process may use, shared among the processes on this machine.
+
+    `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which would leave a single-process CPU run on
+    one core of several.
+    """
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_processes))
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
@@ -738,6 +755,8 @@ def main(argv=None) -> int:
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
     )
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(args.cpu_threads or cpu_threads_per_process(accelerator))
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown ours
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
