@@ -414,3 +414,19 @@ def test_two_processes_shard_data_and_stay_in_sync(cache_dir, tmp_path):
     assert checksums[0]["completed_steps"] == 2
     report = json.loads((output_dir / "eval_results.json").read_text())
     assert report["train"]["num_processes"] == 2 and set(report["splits"]) == {"test", "test_unseen"}
+
+
+def test_cpu_runs_use_the_cores_they_share(monkeypatch):
+    """`accelerate launch` exports OMP_NUM_THREADS=1; train.py gives each process its share of the cores instead."""
+    import train
+
+    class OneProcess:
+        num_processes = 1
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert train.cpu_threads_per_process(OneProcess()) == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores + 1))
+    assert train.cpu_threads_per_process(OneProcess()) == 1
+    args = train.parse_args(["--config_name", str(TINY_CONFIG), "--cpu_threads", "3"])
+    assert args.cpu_threads == 3 and "cpu_threads" not in train.recipe_of(args)
