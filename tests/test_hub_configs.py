@@ -1,5 +1,6 @@
-"""The published checkpoints' folders: each config loads, each recipe is one train.py accepts, and they follow the
-paper (Adam, lr 1e-4, x0.1 at epochs 35 and 55 of 65, batch 16, 448 input, no flips; RefCOCOg with 22 tokens)."""
+"""The published checkpoints' folders: each config loads, each recipe is one train.py accepts, and the real-size ones
+follow the paper (Adam, lr 1e-4, x0.1 at epochs 35 and 55 of 65, batch 16, 448 input, no flips; RefCOCOg with 22
+tokens). The tiny default run keeps the paper's optimizer and batch but not its lr (see its recipe's comment)."""
 
 import json
 
@@ -25,7 +26,8 @@ def test_every_published_folder_has_a_config_and_a_recipe_train_py_accepts(name)
 
     config = SeraConfig.from_pretrained(HUB_CONFIGS / name)
     args = train.parse_args(["--config_name", str(HUB_CONFIGS / name)])
-    assert args.optimizer == "adam" and args.learning_rate == 1e-4 and args.lr_gamma == 0.1
+    assert args.optimizer == "adam" and args.lr_gamma == 0.1
+    assert args.learning_rate == (3e-4 if name == "sera-synthref-tiny" else 1e-4)
     assert args.per_device_train_batch_size == 16 and args.horizontal_flip_probability == 0.0
     assert config.use_sera_adapter and config.use_sera_fusion and config.fusion_top_k == 4
 

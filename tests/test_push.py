@@ -176,7 +176,7 @@ def test_push_uploads_model_code_pipeline_recipe_and_card_in_one_commit(hub, pus
     assert config["auto_map"]["AutoModel"] == "modeling_sera.SeraForReferringSegmentation"
     assert json.loads(files["processor_config.json"])["auto_map"]["AutoProcessor"] == "processing_sera.SeraProcessor"
     recipe = json.loads(files["training_recipe.json"])
-    assert recipe["learning_rate"] == 1e-4 and recipe["synthetic_cache_dir"] == "cache"  # no local paths
+    assert recipe["learning_rate"] == 3e-4 and recipe["synthetic_cache_dir"] == "cache"  # no local paths
 
     assert not hub.unserved, hub.unserved  # the test Hub implements every endpoint the push needed
 
