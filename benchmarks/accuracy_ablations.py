@@ -66,7 +66,9 @@ def variants(config_top_k: int, quick: bool) -> list[tuple[str, str, dict]]:
 
 def overrides_string(overrides: dict) -> str:
     """`PretrainedConfig.update_from_string` syntax, which `train.py --config_overrides` reads."""
-    return ",".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in overrides.items())
+    return ",".join(
+        f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in overrides.items()
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -95,9 +97,15 @@ def run_one(name: str, overrides: dict, seed: int, args, train_args: list[str]) 
             log.write(shlex.join(command) + "\n")
             log.flush()
             completed = subprocess.run(command, cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
-        print(f"  {name} seed {seed}: exit {completed.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"  {name} seed {seed}: exit {completed.returncode} after {time.perf_counter() - start:.0f} s", flush=True
+        )
         if completed.returncode != 0:
-            return {"name": name, "seed": seed, "error": f"train.py exited with {completed.returncode}; see {log_path}"}
+            return {
+                "name": name,
+                "seed": seed,
+                "error": f"train.py exited with {completed.returncode}; see {log_path}",
+            }
         fingerprint_path.write_text(fingerprint)
     record = {"name": name, "seed": seed, **json.loads(results_path.read_text())}
 
@@ -173,7 +181,9 @@ def _recipe_split(recipe: dict, split: str):
     import synthetic_data
 
     splits = synthetic_data.build_synthetic_dataset(
-        cache_dir=recipe["synthetic_cache_dir"], seed=recipe["synthetic_seed"], num_images=recipe["synthetic_num_images"]
+        cache_dir=recipe["synthetic_cache_dir"],
+        seed=recipe["synthetic_seed"],
+        num_images=recipe["synthetic_num_images"],
     )
     return splits[split]
 
@@ -270,7 +280,9 @@ def main():
     parser.add_argument("--jobs", type=int, default=None, help="Runs side by side (default: 2 on CPU, 7 on a GPU).")
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per run.")
     parser.add_argument("--config_name", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--output_dir", default=None, help="Default: outputs/ablations (quick: outputs/ablations-quick).")
+    parser.add_argument(
+        "--output_dir", default=None, help="Default: outputs/ablations (quick: outputs/ablations-quick)."
+    )
     parser.add_argument("--results", default=None, help="JSON of all runs (default: benchmarks/results/...).")
     parser.add_argument("--routing_of", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--routing_output", default=None, help=argparse.SUPPRESS)
@@ -288,7 +300,9 @@ def main():
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     on_gpu = torch.cuda.is_available()
     jobs = args.jobs or (7 if on_gpu else 2)
-    args.output_dir = args.output_dir or str(REPO_ROOT / "outputs" / ("ablations-quick" if args.quick else "ablations"))
+    args.output_dir = args.output_dir or str(
+        REPO_ROOT / "outputs" / ("ablations-quick" if args.quick else "ablations")
+    )
     train_args = ["--config_name", args.config_name, *(QUICK_TRAIN_ARGS if args.quick else []), *train_args]
     rows = [row for row in variants(config_top_k, args.quick) if not args.only or row[0] in args.only]
 
@@ -315,8 +329,10 @@ def main():
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     print(f"\nAccuracy ablations on synthref ({len(seeds)} seed(s), {minutes:.1f} min on {device}), scores in %\n")
     print(table)
-    results_path = Path(args.results) if args.results else REPO_ROOT / "benchmarks" / "results" / (
-        "quick/accuracy.json" if args.quick else "accuracy.json"
+    results_path = (
+        Path(args.results)
+        if args.results
+        else REPO_ROOT / "benchmarks" / "results" / ("quick/accuracy.json" if args.quick else "accuracy.json")
     )
     results_path.parent.mkdir(parents=True, exist_ok=True)
     summary = {"train_args": train_args, "seeds": seeds, "device": device, "minutes": minutes, "runs": records}

@@ -64,13 +64,19 @@ def collect(model, processor, dataset, batch_size: int) -> dict:
     weights_by_category = defaultdict(lambda: defaultdict(list))
     with torch.inference_mode():
         for rows in dataset.iter(batch_size=batch_size):
-            inputs = processor(images=[i.convert("RGB") for i in rows["image"]], text=rows["expression"], return_tensors="pt")
+            inputs = processor(
+                images=[i.convert("RGB") for i in rows["image"]], text=rows["expression"], return_tensors="pt"
+            )
             outputs = model(
-                pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                pixel_values=inputs["pixel_values"],
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
             )
             for level, logits in enumerate(outputs.fusion_router_logits or ()):
                 logits_by_level[level].append(logits.float())
-            fusion = torch.stack(outputs.fusion_router_weights).float().mean(0) if outputs.fusion_router_weights else None
+            fusion = (
+                torch.stack(outputs.fusion_router_weights).float().mean(0) if outputs.fusion_router_weights else None
+            )
             for index, category in enumerate(rows["category"]):
                 if fusion is not None:
                     weights_by_category[category]["fusion"].append(fusion[index])
