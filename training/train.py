@@ -726,7 +726,9 @@ def cpu_threads_per_process(accelerator: Accelerator) -> int:
     one core of several.
     """
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    return max(1, len(os.sched_getaffinity(0)) // max(1, local_processes))
+    # sched_getaffinity honours CPU pinning (containers, taskset); it is Linux-only, cpu_count is the fallback.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_processes))
 
 
 def main(argv=None) -> int:
