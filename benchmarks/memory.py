@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 import weakref
-from collections import defaultdict
 
 import torch
 from benchmark_utils import (
@@ -44,7 +43,7 @@ from benchmark_utils import (
     setup_threads,
     write_json,
 )
-from profile_modules import hooked_modules
+from profile_modules import SelfCostByGroup
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -96,36 +95,13 @@ class TensorMemoryTracker(TorchDispatchMode):
         return output
 
 
-class RetainedMemoryByGroup:
+class RetainedMemoryByGroup(SelfCostByGroup):
     """Bytes each module group leaves alive at the end of its forward (what it saved for backward, and its output),
     less what the hooked groups inside it left: where the activation memory of a training step sits."""
 
     def __init__(self, model: torch.nn.Module, tracker: TensorMemoryTracker):
-        self.tracker = tracker
-        self.bytes = defaultdict(int)
-        self.stack = []  # [live bytes at entry, bytes retained by hooked children]
-        self.handles = []
-        for name, group in hooked_modules(model).items():
-            module = model.get_submodule(name)
-            self.handles.append(module.register_forward_pre_hook(self._pre_hook))
-            self.handles.append(module.register_forward_hook(self._post_hook(group)))
-
-    def _pre_hook(self, module, args):
-        self.stack.append([self.tracker.current, 0])
-
-    def _post_hook(self, group):
-        def hook(module, args, output):
-            start, in_children = self.stack.pop()
-            retained = self.tracker.current - start
-            self.bytes[group] += retained - in_children
-            if self.stack:
-                self.stack[-1][1] += retained
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        super().__init__(model, lambda: tracker.current, zero=0)
+        self.bytes = self.totals
 
 
 def tensor_bytes(tensors) -> int:

@@ -13,6 +13,7 @@ import re
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from benchmark_utils import (
@@ -78,13 +79,14 @@ def nearest_hooked_parent(name: str, hooked: dict[str, str]) -> str | None:
     return None
 
 
-class ModuleTimer:
-    """Self time per group over forwards: a hooked module's wall time minus that of the hooked modules it calls."""
+class SelfCostByGroup:
+    """Accumulates, per module group, a reading's change across each hooked module minus the change across the
+    hooked modules it calls: the group's own cost. `read()` gives the reading (a clock, live bytes...)."""
 
-    def __init__(self, model: torch.nn.Module, device: str):
-        self.device = device
-        self.seconds = defaultdict(float)
-        self.stack = []  # [start, seconds spent in hooked children]
+    def __init__(self, model: torch.nn.Module, read: Callable[[], float], zero: float = 0.0):
+        self.read = read
+        self.totals = defaultdict(lambda: zero)
+        self.stack = []  # [reading at entry, change spent in hooked children]
         self.handles = []
         for name, group in hooked_modules(model).items():
             module = model.get_submodule(name)
@@ -92,23 +94,33 @@ class ModuleTimer:
             self.handles.append(module.register_forward_hook(self._post_hook(group)))
 
     def _pre_hook(self, module, args):
-        synchronize(self.device)
-        self.stack.append([time.perf_counter(), 0.0])
+        self.stack.append([self.read(), 0])
 
     def _post_hook(self, group):
         def hook(module, args, output):
-            synchronize(self.device)
             start, in_children = self.stack.pop()
-            elapsed = time.perf_counter() - start
-            self.seconds[group] += elapsed - in_children
+            change = self.read() - start
+            self.totals[group] += change - in_children
             if self.stack:
-                self.stack[-1][1] += elapsed
+                self.stack[-1][1] += change
 
         return hook
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+class ModuleTimer(SelfCostByGroup):
+    """Self time per group over forwards: a hooked module's wall time minus that of the hooked modules it calls."""
+
+    def __init__(self, model: torch.nn.Module, device: str):
+        def clock() -> float:
+            synchronize(device)  # the GPU's queued work belongs to the module that queued it
+            return time.perf_counter()
+
+        super().__init__(model, clock)
+        self.seconds = self.totals
 
 
 def flops_by_group(config_path, variant: str, image_size: int | None, batch_size: int) -> dict[str, float]:
