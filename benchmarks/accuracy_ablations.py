@@ -139,7 +139,7 @@ def routing_statistics(model_dir: str, split: str = "test", batch_size: int = 64
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = SeraForReferringSegmentation.from_pretrained(model_dir).to(device).eval()
     processor = SeraProcessor.from_pretrained(model_dir)
-    dataset = _recipe_split(json.loads((Path(model_dir) / "training_recipe.json").read_text()), split)
+    dataset = recipe_split(json.loads((Path(model_dir) / "training_recipe.json").read_text()), split)
     sums = defaultdict(lambda: defaultdict(float))
     counts = defaultdict(int)
     with torch.inference_mode():
@@ -171,7 +171,7 @@ def routing_statistics(model_dir: str, split: str = "test", batch_size: int = 64
     }
 
 
-def _recipe_split(recipe: dict, split: str):
+def recipe_split(recipe: dict, split: str):
     """The split the run was scored on (the synthetic data at the size and seed it was trained with)."""
     sys.path.insert(0, str(REPO_ROOT / "training"))
     from data_sources import load_examples
@@ -311,8 +311,8 @@ def main():
     import train
 
     recipe = train.recipe_of(train.parse_args(["--output_dir", args.output_dir, *train_args]))
-    for split in ("train", "validation", "test", "test_unseen"):
-        _recipe_split(recipe, split)
+    if recipe["dataset"] == "synthref":  # one build writes every split; other sources are only read
+        recipe_split(recipe, recipe["train_split"])
 
     print(
         f"{len(rows)} variants x {len(seeds)} seeds, {jobs} at a time, {args.threads} thread(s) each, "

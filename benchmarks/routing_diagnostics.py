@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-from accuracy_ablations import _recipe_split  # noqa: E402
+from accuracy_ablations import recipe_split  # noqa: E402
 from benchmark_utils import markdown_table  # noqa: E402
 
 from modeling_sera import SeraForReferringSegmentation, SeraProcessor  # noqa: E402
@@ -97,7 +97,7 @@ def main():
     model = SeraForReferringSegmentation.from_pretrained(args.model).eval()
     processor = SeraProcessor.from_pretrained(args.model)
     recipe = json.loads((Path(args.model) / "training_recipe.json").read_text())
-    dataset = _recipe_split(recipe, args.split)
+    dataset = recipe_split(recipe, args.split)
     dataset = dataset.shuffle(seed=0).select(range(min(args.num_samples, len(dataset))))
     found = collect(model, processor, dataset, args.batch_size)
 
