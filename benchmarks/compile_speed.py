@@ -9,9 +9,11 @@ compiled and eager logits, and the eager and compiled forward timed in interleav
 
 import argparse
 import time
+from contextlib import nullcontext
 
 import torch
 import torch._inductor.config
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from benchmark_utils import (
     add_common_arguments,
     build_model,
@@ -25,6 +27,15 @@ from benchmark_utils import (
     synchronize,
     write_json,
 )
+from profile_modules import top_operators
+
+
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 def graph_breaks(model, inputs) -> dict:
@@ -39,6 +50,21 @@ def graph_breaks(model, inputs) -> dict:
     return {"graphs": explanation.graph_count, "breaks": explanation.graph_break_count, "reasons": reasons}
 
 
+def exporting_flag_under_compile() -> bool:
+    """`torch.compiler.is_exporting()` as code inside `torch.compile` sees it.
+
+    transformers skips the vision encoder's all-true attention mask only when this is False. Where it is True
+    (torch 2.11 on our GPU machine), the mask is materialised with stride 0, no fused SDPA kernel accepts it, and
+    attention runs on the unfused math path in fp32.
+    """
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def probe(flag: torch.Tensor) -> torch.Tensor:
+        return flag + 1 if torch.compiler.is_exporting() else flag
+
+    return bool(probe(torch.zeros(1)).item() == 1)
+
+
 def run(args) -> dict:
     setup_threads(args.device, args.threads)
     if not args.warm_cache:
@@ -48,7 +74,10 @@ def run(args) -> dict:
     model = build_model(args.config, "sera", args.image_size, args.device, dtype).eval()
     inputs = make_inputs(model.config, args.batch_size, device=args.device)
 
-    with torch.inference_mode():
+    # Restricting SDPA's backends (--sdpa-backends flash efficient) shows whether a slow compiled graph comes from
+    # attention lowered to the unfused math path.
+    backends = [SDPA_BACKENDS[name] for name in args.sdpa_backends] if args.sdpa_backends else None
+    with torch.inference_mode(), sdpa_kernel(backends) if backends else nullcontext():
         breaks = graph_breaks(model, inputs)
         log(f"compile: {breaks['graphs']} graphs, {breaks['breaks']} breaks; compiling (mode={args.mode})")
         compiled = torch.compile(model, mode=args.mode)
@@ -67,8 +96,17 @@ def run(args) -> dict:
             device=args.device,
             log=log,
         )
+        operators = None
+        if args.ops:
+            operators = {
+                name: top_operators(forward, inputs, args.device, count=15, shapes=True)
+                for name, forward in (("eager", model), ("compiled", compiled))
+            }
     summary = ratio_summary(seconds, "eager")
     return {
+        "is_exporting_under_compile": exporting_flag_under_compile(),
+        "sdpa_backends": args.sdpa_backends,
+        "top_ops": operators,
         "machine": machine_info(args.device),
         "config": args.config,
         "image_size": model.config.image_size,
@@ -102,9 +140,22 @@ def format_results(results: dict) -> str:
         f"({'cold' if results.get('cold_compile') else 'warm-cache'} compile) {results['compile_seconds']:.0f} s; largest |compiled - eager| logit difference "
         f"{results['max_abs_logit_difference']:.2e} (logits up to {results['max_abs_logit']:.2f})."
     )
+    if results.get("is_exporting_under_compile"):
+        text += (
+            "\n\n`torch.compiler.is_exporting()` is True inside `torch.compile` with this torch: transformers then hands "
+            "the vision encoder's SDPA a materialised all-true mask, which rules out the fused attention kernels."
+        )
     if breaks["reasons"]:
         text += "\n\nGraph breaks:\n" + "\n".join(
             f"- {count}x {reason}" for reason, count in breaks["reasons"].items()
+        )
+    for name, operators in (results.get("top_ops") or {}).items():
+        text += f"\n\nTop operators, {name}:\n\n" + markdown_table(
+            ["operator", "self ms", "share"],
+            [
+                [f"`{op['op'][:70]}` {op.get('shapes', '')}", f"{op['ms']:.2f}", f"{op['share']:.1%}"]
+                for op in operators
+            ],
         )
     return text
 
@@ -115,6 +166,10 @@ def main():
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune, ...).")
+    parser.add_argument("--ops", action="store_true", help="Also list the top operators, eager and compiled.")
+    parser.add_argument(
+        "--sdpa-backends", nargs="+", choices=list(SDPA_BACKENDS), help="Allow only these attention kernels."
+    )
     parser.add_argument("--warm-cache", action="store_true", help="Let inductor reuse its on-disk compile caches.")
     args = parser.parse_args()
     results = run(args)

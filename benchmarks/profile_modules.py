@@ -6,6 +6,9 @@
 Each module group is timed with forward pre/post hooks (wall clock, device synchronised at each hook), over several
 forwards (median). FLOPs per group come from `torch.utils.flop_counter.FlopCounterMode` on the meta device. A group
 whose achieved GFLOP/s is far below the model's average is where time is lost beyond its arithmetic.
+
+On a GPU, synchronising at every module makes small modules look slower than they are, so a second profile runs
+without it (torch.profiler): per group, the GPU time of its kernels and the host time spent issuing them.
 """
 
 import argparse
@@ -203,23 +206,92 @@ def profile(args) -> dict:
     }
     if args.ops:
         result["top_ops"] = top_operators(model, inputs, args.device)
+    if args.device.startswith("cuda"):
+        traced = host_and_device_time_by_group(model, inputs, args.device)
+        result["trace_rows"] = [
+            {"group": group, **times, "gflop": flops.get(group, 0.0) / 1e9}
+            for group, times in sorted(traced.items(), key=lambda item: item[1]["device_ms"], reverse=True)
+        ]
     return result
 
 
-def top_operators(model, inputs, device: str, count: int = 12) -> list[dict]:
-    """Self time per aten operator over one forward (torch.profiler)."""
+RANGE_PREFIX = "sera_profile::"
+
+
+def host_and_device_time_by_group(model, inputs, device: str, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Per group, without synchronising: the host time spent issuing its work and the device time of the kernels
+    it launched (torch.profiler). Each hooked module runs inside a profiler range named after it; a kernel belongs
+    to the innermost range around the operator that launched it. Where host time exceeds device time, the group
+    is bound by Python and kernel launches, not by the GPU."""
+    hooked = hooked_modules(model)
+    ranges, handles = [], []
+    for name in hooked:
+        module = model.get_submodule(name)
+
+        def enter(module, args, label=RANGE_PREFIX + name):
+            ranges.append(torch.profiler.record_function(label))
+            ranges[-1].__enter__()
+
+        def leave(module, args, output):
+            ranges.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.inference_mode(), torch.profiler.profile(activities=activities) as profiler:
+    try:
+        with torch.inference_mode(), torch.profiler.profile(activities=activities) as profiler:
+            for _ in range(repeats):
+                model(**inputs)
+            synchronize(device)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def enclosing_group(event) -> str:
+        while event is not None:
+            if event.name.startswith(RANGE_PREFIX):
+                return hooked[event.name[len(RANGE_PREFIX) :]]
+            event = event.cpu_parent
+        return GLUE
+
+    totals = defaultdict(lambda: {"host_ms": 0.0, "device_ms": 0.0})
+    for event in profiler.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        if event.name.startswith(RANGE_PREFIX):
+            # Host time of a range, less that of the ranges directly inside it, is the group's own host time.
+            totals[hooked[event.name[len(RANGE_PREFIX) :]]]["host_ms"] += event.cpu_time_total / 1e3 / repeats
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith(RANGE_PREFIX):
+                parent = parent.cpu_parent
+            if parent is not None:
+                totals[enclosing_group(parent)]["host_ms"] -= event.cpu_time_total / 1e3 / repeats
+        kernel_us = sum(kernel.duration for kernel in event.kernels if not kernel.name.startswith(RANGE_PREFIX))
+        if kernel_us:
+            totals[enclosing_group(event)]["device_ms"] += kernel_us / 1e3 / repeats
+    return dict(totals)
+
+
+def top_operators(model, inputs, device: str, count: int = 12, shapes: bool = False) -> list[dict]:
+    """Self time per aten operator (and kernel) over one forward (torch.profiler); with `shapes`, per input shapes."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.inference_mode(), torch.profiler.profile(activities=activities, record_shapes=shapes) as profiler:
         model(**inputs)
     attribute = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    events = sorted(profiler.key_averages(), key=lambda event: getattr(event, attribute), reverse=True)
+    events = sorted(
+        profiler.key_averages(group_by_input_shape=shapes), key=lambda event: getattr(event, attribute), reverse=True
+    )
     total = sum(getattr(event, attribute) for event in events)
-    return [
-        {"op": event.key, "ms": getattr(event, attribute) / 1e3, "share": getattr(event, attribute) / total}
-        for event in events[:count]
-    ]
+    rows = []
+    for event in events[:count]:
+        row = {"op": event.key, "ms": getattr(event, attribute) / 1e3, "share": getattr(event, attribute) / total}
+        if shapes and event.input_shapes:
+            row["shapes"] = str([shape for shape in event.input_shapes if shape])
+        rows.append(row)
+    return rows
 
 
 def format_result(result: dict) -> str:
@@ -239,6 +311,29 @@ def format_result(result: dict) -> str:
         f"\n\nWhole forward: {result['total_ms']:.0f} ms, {result['total_gflop']:.1f} GFLOP, "
         f"{result['total_gflop'] / result['total_ms'] * 1e3:.0f} GFLOP/s"
     )
+    if "trace_rows" in result:
+        trace = result["trace_rows"]
+        device_total = sum(row["device_ms"] for row in trace)
+        host_total = sum(row["host_ms"] for row in trace)
+        text += (
+            "\n\nWithout synchronising (torch.profiler): GPU time of each group's kernels against the host time spent "
+            "issuing them; host > GPU means the group waits on Python and kernel launches, not on the GPU.\n\n"
+        )
+        text += markdown_table(
+            ["module group", "GPU ms", "share of GPU time", "host ms", "host / GPU", "TFLOP/s on GPU time"],
+            [
+                [
+                    row["group"],
+                    f"{row['device_ms']:.2f}",
+                    f"{row['device_ms'] / device_total:.1%}",
+                    f"{row['host_ms']:.2f}",
+                    f"{row['host_ms'] / row['device_ms']:.1f}" if row["device_ms"] > 0 else "-",
+                    f"{row['gflop'] / row['device_ms']:.0f}" if row["device_ms"] > 0 else "-",
+                ]
+                for row in trace
+            ],
+        )
+        text += f"\n\nKernels: {device_total:.1f} ms of GPU time per forward; host: {host_total:.1f} ms."
     if "top_ops" in result:
         text += "\n\n" + markdown_table(
             ["aten operator", "self ms", "share"],

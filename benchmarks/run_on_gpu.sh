@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything the benchmark issue measures on a GPU, in one go on a bare CUDA machine with PyTorch:
 # the GPU tests (bf16, pipeline on cuda), speed/profile/memory/training throughput at real size, the accuracy
-# ablations (runs side by side on the one GPU), then torch.compile. Each stage's results are packed into OUT_DIR
-# as soon as it ends, so a run cut short still returns what it finished.
+# ablations (runs side by side on the one GPU), then torch.compile (default mode at batch 16, CUDA graphs at
+# batch 1). Each stage's results are packed into OUT_DIR as soon as it ends, so a run cut short still returns what
+# it finished.
 #
 #   bash benchmarks/run_on_gpu.sh OUT_DIR [accuracy_ablations.py options...]
 #
@@ -55,5 +56,11 @@ pack
 stage "torch.compile"
 [ "$(left)" -gt 60 ] && timeout $(left 5) python3 benchmarks/compile_speed.py --device cuda --batch-size 16 --repeats 10 \
     --output benchmarks/results/compile.json 2>&1 | tee benchmarks/results/compile.md | tail -20
+pack
+
+stage "torch.compile with CUDA graphs, batch 1"
+[ "$(left)" -gt 90 ] && timeout $(left 5) python3 benchmarks/compile_speed.py --device cuda --batch-size 1 --repeats 10 \
+    --mode reduce-overhead --output benchmarks/results/compile_reduce_overhead_b1.json 2>&1 \
+    | tee benchmarks/results/compile_reduce_overhead_b1.md | tail -12
 pack
 stage "done"

@@ -16,7 +16,15 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_sera import SeraConfig
 from .sera_adapter import SeraAdaptedMLP, SeraAdapter, SeraVisionContext
-from .sera_fusion import SeraFusion, SeraFusionSpatialExpert
+from .sera_fusion import (
+    BOUNDARY_FILTERS,
+    SHAPE_FILTERS,
+    SeraFusion,
+    SeraFusionBoundaryExpert,
+    SeraFusionShapeExpert,
+    SeraFusionSpatialExpert,
+    fixed_filter_bank,
+)
 from .sera_head import SeraDecoder, SeraNeck, SeraProjector
 from .sera_routing import router_balance_loss, router_entropy_loss, router_z_loss
 
@@ -121,6 +129,10 @@ class SeraPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, SeraFusionSpatialExpert):
             init.constant_(module.scale, module.initial_scale)
+        elif isinstance(module, (SeraFusionBoundaryExpert, SeraFusionShapeExpert)):
+            # Fixed filters live in non-persistent buffers: a checkpoint does not hold them, so rebuild them here.
+            filters = BOUNDARY_FILTERS if isinstance(module, SeraFusionBoundaryExpert) else SHAPE_FILTERS
+            init.copy_(module.filters, fixed_filter_bank(filters, module.proj.out_channels))
 
 
 class SeraModel(SeraPreTrainedModel):
@@ -145,7 +157,9 @@ class SeraModel(SeraPreTrainedModel):
             for level in config.fusion_levels:
                 self.fusion[str(level)] = SeraFusion.from_settings(vision_width, config)
 
-        self.word_proj = nn.Linear(text_width, config.hidden_size) if text_width != config.hidden_size else nn.Identity()
+        self.word_proj = (
+            nn.Linear(text_width, config.hidden_size) if text_width != config.hidden_size else nn.Identity()
+        )
         self.neck = SeraNeck([vision_width] * len(config.vision_feature_layers), sentence_dim, config.hidden_size)
         self.decoder = SeraDecoder(
             config.hidden_size,
@@ -164,7 +178,9 @@ class SeraModel(SeraPreTrainedModel):
         if pixel_values is None or input_ids is None:
             raise ValueError("SERA needs both pixel_values and input_ids; build them with SeraProcessor.")
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
+            raise ValueError(
+                f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}."
+            )
         patch = self.config.vision_patch_size
         if pixel_values.shape[-2] % patch or pixel_values.shape[-1] % patch:
             raise ValueError(
@@ -190,8 +206,10 @@ class SeraModel(SeraPreTrainedModel):
                     tokens = self.vision_model.post_layernorm(tokens)
             else:
                 tokens = hidden_states[blocks_passed]
-            patches = tokens[:, num_special:]
-            levels.append(patches.transpose(1, 2).reshape(patches.shape[0], -1, grid_height, grid_width))
+            patches = tokens[:, num_special:].unflatten(1, (grid_height, grid_width))  # (B, H, W, C)
+            # Channels-last, the tokens' own order: the experts' convolutions run on it without layout changes,
+            # and the context expert views it as tokens without a copy.
+            levels.append(patches.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
         return levels
 
     def forward(
@@ -305,7 +323,9 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
         loss = mask_loss = z_loss = balance_loss = entropy_loss = None
         if labels is not None:
             mask_loss = self.mask_loss(logits, labels)
-            z_loss, balance_loss, entropy_loss = self.router_losses(outputs.fusion_router_logits, outputs.fusion_router_weights)
+            z_loss, balance_loss, entropy_loss = self.router_losses(
+                outputs.fusion_router_logits, outputs.fusion_router_weights
+            )
             loss = mask_loss + z_loss + balance_loss + entropy_loss
 
         output = SeraReferringSegmentationOutput(
@@ -428,4 +448,10 @@ def load_encoder_weights(target: nn.Module, source: nn.Module) -> None:
     target.load_state_dict(remapped, strict=False)
 
 
-__all__ = ["SeraModel", "SeraForReferringSegmentation", "SeraPreTrainedModel", "SeraModelOutput", "SeraReferringSegmentationOutput"]
+__all__ = [
+    "SeraModel",
+    "SeraForReferringSegmentation",
+    "SeraPreTrainedModel",
+    "SeraModelOutput",
+    "SeraReferringSegmentationOutput",
+]

@@ -45,7 +45,9 @@ class SeraMultiScaleEnrichment(nn.Module):
         super().__init__()
         widths = (dim // 2, dim // 4, dim - dim // 2 - dim // 4)
         self.branch_1x1 = conv_bn_relu(dim, widths[0], 1)
-        self.branch_3x3 = nn.Sequential(conv_bn_relu(dim + widths[0], widths[1], 1), conv_bn_relu(widths[1], widths[1], 3))
+        self.branch_3x3 = nn.Sequential(
+            conv_bn_relu(dim + widths[0], widths[1], 1), conv_bn_relu(widths[1], widths[1], 3)
+        )
         self.branch_5x5 = nn.Sequential(
             conv_bn_relu(dim + widths[0] + widths[1], widths[2], 1), conv_bn_relu(widths[2], widths[2], 5)
         )
@@ -135,11 +137,11 @@ class SeraAdapter(nn.Module):
 
         rich = self.enrichment(grid)
         decision = self.router(rich)
-        w_spatial, w_boundary = decision.weights[:, 0, None, None, None], decision.weights[:, 1, None, None, None]
-        corrected = (
-            rich
-            + self.spatial_expert_weight * w_spatial * self.spatial_expert(rich)
-            + self.boundary_expert_weight * w_boundary * self.boundary_expert(rich)
+        # Per-sample scales (B, 1, 1, 1) of each expert: its fixed weight times its routing weight.
+        spatial_scale = self.spatial_expert_weight * decision.weights[:, 0, None, None, None]
+        boundary_scale = self.boundary_expert_weight * decision.weights[:, 1, None, None, None]
+        corrected = rich.addcmul(spatial_scale, self.spatial_expert(rich)).addcmul(
+            boundary_scale, self.boundary_expert(rich)
         )
 
         tokens = corrected.flatten(2).transpose(1, 2)

@@ -12,7 +12,16 @@ import torch
 from conftest import REPO_ROOT, tiny_batch, tiny_sera_config
 
 from modeling_sera import SeraConfig, SeraForReferringSegmentation
-from modeling_sera.sera_fusion import FUSION_EXPERT_NAMES
+from modeling_sera.sera_fusion import (
+    BOUNDARY_FILTERS,
+    FUSION_EXPERT_NAMES,
+    GAUSSIAN,
+    LAPLACIAN,
+    SHAPE_FILTERS,
+    SOBEL_X,
+    SOBEL_Y,
+    fixed_filter_bank,
+)
 
 
 def build(seed: int = 0, **overrides) -> SeraForReferringSegmentation:
@@ -125,6 +134,51 @@ def test_top_k_below_four_equals_dense_mixture_of_the_kept_experts():
     torch.testing.assert_close(sparse_output, dense)
 
 
+def depthwise_reference(grid: torch.Tensor, taps) -> torch.Tensor:
+    """One fixed 3x3 filter on every channel, written out plainly (replicate padding), for comparison."""
+    channels = grid.shape[1]
+    kernel = torch.tensor(taps, dtype=grid.dtype).expand(channels, 1, 3, 3)
+    return torch.nn.functional.conv2d(
+        torch.nn.functional.pad(grid, (1, 1, 1, 1), mode="replicate"), kernel, groups=channels
+    )
+
+
+def test_fixed_filter_experts_follow_the_design_formulas():
+    """The boundary and shape experts run their filters as one grouped conv; check them against the formulas of
+    design section 3, with each filter applied on its own, on both memory layouts the model feeds them."""
+    fusion = build().eval().model.fusion["0"]
+    boundary, shape = fusion.experts["boundary"], fusion.experts["shape"]
+    grid = torch.randn(3, 32, 7, 9)
+    grad_x, grad_y = depthwise_reference(grid, SOBEL_X), depthwise_reference(grid, SOBEL_Y)
+    magnitude = torch.sqrt(grad_x.pow(2) + grad_y.pow(2) + 1e-6)
+    with torch.no_grad():
+        expected_boundary = grid + boundary.phi(boundary.proj(torch.cat((grid, magnitude, grad_x + grad_y), dim=1)))
+        blurred, laplacian = depthwise_reference(grid, GAUSSIAN), depthwise_reference(grid, LAPLACIAN)
+        expected_shape = grid + shape.phi(shape.proj(torch.cat((blurred, laplacian), dim=1)))
+        for layout in (torch.contiguous_format, torch.channels_last):
+            laid_out = grid.contiguous(memory_format=layout)
+            torch.testing.assert_close(boundary(laid_out), expected_boundary)
+            torch.testing.assert_close(shape(laid_out), expected_shape)
+            # The whole mixture does not depend on the layout either.
+            torch.testing.assert_close(fusion(laid_out)[0], fusion(grid)[0])
+    assert torch.allclose(torch.tensor(GAUSSIAN).sum(), torch.tensor(1.0))  # a blur keeps flat regions flat
+
+
+def test_fixed_filters_are_rebuilt_on_load_and_not_saved(tmp_path):
+    model = build()
+    model.save_pretrained(tmp_path)
+    assert not any(key.endswith(".filters") for key in model.state_dict())
+    for dtype in (torch.float32, torch.bfloat16):
+        reloaded = SeraForReferringSegmentation.from_pretrained(tmp_path, dtype=dtype)
+        for fusion in reloaded.model.fusion.values():
+            channels = fusion.experts["boundary"].proj.out_channels
+            # Every tap is exact in bf16, so whatever dtype they load in, the filters equal the float32 ones.
+            assert torch.equal(
+                fusion.experts["boundary"].filters.float(), fixed_filter_bank(BOUNDARY_FILTERS, channels)
+            )
+            assert torch.equal(fusion.experts["shape"].filters.float(), fixed_filter_bank(SHAPE_FILTERS, channels))
+
+
 def test_router_noise_only_in_training():
     model = build(fusion_top_k=2, fusion_router_noise_std=5.0)
     batch = tiny_batch(4)
@@ -200,10 +254,24 @@ def test_default_config_is_the_papers_real_size_model():
 @pytest.mark.parametrize(
     "vision_config",
     [
-        dict(model_type="dinov2", hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2,
-             patch_size=4, image_size=32),
-        dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-             num_attention_heads=2, patch_size=4, image_size=32),
+        dict(
+            model_type="dinov2",
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            patch_size=4,
+            image_size=32,
+        ),
+        dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            patch_size=4,
+            image_size=32,
+        ),
     ],
 )
 def test_other_vision_backbones(vision_config):
@@ -368,7 +436,7 @@ def test_remote_code_load_in_a_fresh_process_without_the_package(tmp_path):
         f"""
         import sys, torch
         from transformers import AutoModel, AutoModelForImageSegmentation
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
         for auto_class in (AutoModel, AutoModelForImageSegmentation):
             model = auto_class.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
             assert type(model).__name__ == "SeraForReferringSegmentation", type(model)
