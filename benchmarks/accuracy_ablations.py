@@ -7,7 +7,9 @@
 
 Variants (SeraConfig overrides on top of the recipe's config, `hub_configs/sera-synthref-tiny` by default):
 baseline (no SERA modules), + SERA-Adapter, + SERA-Adapter + SERA-Fusion with top-K 1..4 (the config's K is the full
-SERA), and SERA without the MoE regularizers (balance, z and entropy losses at weight 0).
+SERA), and SERA without the MoE regularizers (balance, z and entropy losses at weight 0). With `--only
+sentence_router`, also a variant that is not the paper's: SERA whose fusion routers read the sentence feature too
+(`fusion_router_sentence=True`).
 
 Each run is a `training/train.py` process (its own output folder under `--output_dir`); its `eval_results.json` gives
 mIoU and oIoU (overall, per expression category, on the unseen-combination split). After training, each run with
@@ -36,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
 DEFAULT_CONFIG = REPO_ROOT / "hub_configs" / "sera-synthref-tiny"
 CATEGORIES = ("attribute", "location", "relation", "comparison")
+EXTRA_VARIANTS = ("sentence_router",)  # beyond the paper's ablations: only with --only
 NO_REGULARIZERS = {"router_balance_loss_weight": 0.0, "router_z_loss_weight": 0.0, "router_entropy_loss_weight": 0.0}
 
 QUICK_TRAIN_ARGS = [
@@ -58,6 +61,15 @@ def variants(config_top_k: int, quick: bool) -> list[tuple[str, str, dict]]:
         label = f"+ SERA-Adapter + SERA-Fusion, top-{top_k}" + (" (SERA)" if top_k == config_top_k else "")
         rows.append((f"top{top_k}", label, {"use_sera_adapter": True, "use_sera_fusion": True, "fusion_top_k": top_k}))
     rows.append(("no_regularizers", f"SERA (top-{config_top_k}) without the MoE regularizers", NO_REGULARIZERS))
+    # Not a row of the paper (run it with --only): its fusion router reads only the image level, so it cannot
+    # route by expression; this one also reads the sentence feature.
+    rows.append(
+        (
+            "sentence_router",
+            f"SERA (top-{config_top_k}) with sentence-aware fusion routers [ours]",
+            {"use_sera_adapter": True, "use_sera_fusion": True, "fusion_router_sentence": True},
+        )
+    )
     if quick:
         keep = {"baseline", "adapter", f"top{config_top_k}"}
         rows = [row for row in rows if row[0] in keep]
@@ -304,7 +316,11 @@ def main():
         REPO_ROOT / "outputs" / ("ablations-quick" if args.quick else "ablations")
     )
     train_args = ["--config_name", args.config_name, *(QUICK_TRAIN_ARGS if args.quick else []), *train_args]
-    rows = [row for row in variants(config_top_k, args.quick) if not args.only or row[0] in args.only]
+    rows = [
+        row
+        for row in variants(config_top_k, args.quick)
+        if (row[0] in args.only if args.only else row[0] not in EXTRA_VARIANTS)
+    ]
 
     # Build the data once, before runs race to build it side by side: a run's recipe says which.
     sys.path.insert(0, str(REPO_ROOT / "training"))

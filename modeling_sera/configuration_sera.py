@@ -59,6 +59,10 @@ class SeraConfig(PreTrainedConfig):
             Std of the Gaussian noise added to the router logits during training *[ours]*.
         fusion_router_hidden_size (`int`, *optional*, defaults to 192):
             Hidden width of the two-layer router `W2 GELU(W1 mean(X))` *[ours]*.
+        fusion_router_sentence (`bool`, *optional*, defaults to `False`):
+            *[ours, not in the paper]* The fusion routers also read the sentence feature:
+            `W2 GELU(W1 [mean(X); s])`, so that the expression, not only the image, can choose the experts. `False`
+            is the paper's router.
         fusion_spatial_init (`float`, *optional*, defaults to 0.1):
             Initial value of the learnable scale `a` of the spatial expert *[ours]*.
         fusion_context_num_heads (`int`, *optional*, defaults to 8):
@@ -138,6 +142,7 @@ class SeraConfig(PreTrainedConfig):
     fusion_top_k: int = 4
     fusion_router_noise_std: float = 1.0
     fusion_router_hidden_size: int = 192
+    fusion_router_sentence: bool = False
     fusion_spatial_init: float = 0.1
     fusion_context_num_heads: int = 8
     fusion_context_mlp_ratio: float = 4.0

@@ -93,6 +93,12 @@ class SeraReferringSegmentationOutput(ModelOutput):
     vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
+def sentence_width(config: SeraConfig) -> int:
+    """Width of the sentence feature (the text tower's projected pooled output) that the neck, the projector and a
+    sentence-aware fusion router read."""
+    return config.text_config.projection_dim or config.text_config.hidden_size
+
+
 def vision_blocks(vision_model: nn.Module) -> nn.ModuleList:
     """The transformer blocks of a DINOv2 (with or without registers) or CLIP vision tower."""
     encoder = vision_model.encoder
@@ -144,7 +150,7 @@ class SeraModel(SeraPreTrainedModel):
         self.text_model = CLIPTextModelWithProjection(config.text_config)
         vision_width = config.vision_config.hidden_size
         text_width = config.text_config.hidden_size
-        sentence_dim = config.text_config.projection_dim or text_width
+        sentence_dim = sentence_width(config)
 
         if config.use_sera_adapter:
             blocks = vision_blocks(self.vision_model)
@@ -155,7 +161,7 @@ class SeraModel(SeraPreTrainedModel):
         self.fusion = nn.ModuleDict()
         if config.use_sera_fusion:
             for level in config.fusion_levels:
-                self.fusion[str(level)] = SeraFusion.from_settings(vision_width, config)
+                self.fusion[str(level)] = SeraFusion.from_settings(vision_width, config, sentence_dim)
 
         self.word_proj = (
             nn.Linear(text_width, config.hidden_size) if text_width != config.hidden_size else nn.Identity()
@@ -248,7 +254,7 @@ class SeraModel(SeraPreTrainedModel):
         fusion_weights, fusion_logits = [], []
         for index in range(len(levels)):
             if str(index) in self.fusion:
-                levels[index], decision = self.fusion[str(index)](levels[index])
+                levels[index], decision = self.fusion[str(index)](levels[index], sentence)
                 fusion_weights.append(decision.weights)
                 fusion_logits.append(decision.logits)
 
@@ -289,7 +295,7 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
         # Record every Auto class we answer to: save_pretrained alone would only record the one we were saved as.
         config.auto_map = {**AUTO_MAP, **(getattr(config, "auto_map", None) or {})}
         self.model = SeraModel(config)
-        sentence_dim = config.text_config.projection_dim or config.text_config.hidden_size
+        sentence_dim = sentence_width(config)
         self.projector = SeraProjector(
             config.hidden_size, config.projector_dim, sentence_dim, config.projector_kernel_size
         )

@@ -29,6 +29,7 @@ SERA_FUSION_FIELDS = (
     "fusion_top_k",
     "fusion_router_noise_std",
     "fusion_router_hidden_size",
+    "fusion_router_sentence",
     "fusion_spatial_init",
     "fusion_context_num_heads",
     "fusion_context_mlp_ratio",
@@ -67,8 +68,8 @@ class SeraTunerConfig(PeftConfig):
         adapter_spatial_expert_weight, adapter_boundary_expert_weight, adapter_mask_padding: As in [`SeraConfig`].
         use_sera_fusion (`bool`, defaults to `True`): Inject a SERA-Fusion at each level in `fusion_levels`.
         fusion_levels (`list[int]`, defaults to `[0, 1, 2]`): Indices into the model's `vision_feature_layers`.
-        fusion_top_k, fusion_router_noise_std, fusion_router_hidden_size, fusion_spatial_init,
-        fusion_context_num_heads, fusion_context_mlp_ratio: As in [`SeraConfig`].
+        fusion_top_k, fusion_router_noise_std, fusion_router_hidden_size, fusion_router_sentence,
+        fusion_spatial_init, fusion_context_num_heads, fusion_context_mlp_ratio: As in [`SeraConfig`].
         train_encoder_norms_and_biases (`bool`, defaults to `True`):
             Train every LayerNorm and every bias term of both encoders (the paper: "<1% of backbone parameters").
         train_head (`bool`, defaults to `True`):
@@ -106,6 +107,9 @@ class SeraTunerConfig(PeftConfig):
     fusion_top_k: int = field(default=4, metadata={"help": "Experts kept per sample by the fusion router (1 to 4)."})
     fusion_router_noise_std: float = field(default=1.0, metadata={"help": "Router logit noise while training."})
     fusion_router_hidden_size: int = field(default=192, metadata={"help": "Hidden width of the fusion router."})
+    fusion_router_sentence: bool = field(
+        default=False, metadata={"help": "[ours] The fusion routers also read the sentence feature."}
+    )
     fusion_spatial_init: float = field(default=0.1, metadata={"help": "Initial scale of the spatial expert."})
     fusion_context_num_heads: int = field(default=8, metadata={"help": "Heads of the context expert."})
     fusion_context_mlp_ratio: float = field(default=4.0, metadata={"help": "FFN ratio of the context expert."})

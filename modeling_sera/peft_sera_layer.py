@@ -122,16 +122,16 @@ class SeraFusionLayer(nn.Module, SeraLayer):
 
     adapter_layer_names = ("sera_fusion",)
 
-    def __init__(self, adapter_name: str, config: SeraTunerConfig, channels: int) -> None:
+    def __init__(self, adapter_name: str, config: SeraTunerConfig, channels: int, sentence_dim: int) -> None:
         super().__init__()
         self.sera_fusion = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, channels)
+        self.update_layer(adapter_name, config, channels, sentence_dim)
 
-    def update_layer(self, adapter_name: str, config: SeraTunerConfig, channels: int) -> None:
-        self.sera_fusion[adapter_name] = SeraFusion.from_settings(channels, config)
+    def update_layer(self, adapter_name: str, config: SeraTunerConfig, channels: int, sentence_dim: int) -> None:
+        self.sera_fusion[adapter_name] = SeraFusion.from_settings(channels, config, sentence_dim)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     # BaseTunerLayer reads `weight` and `bias` from the base layer, which a fusion entry lacks (the lookup would
@@ -150,11 +150,11 @@ class SeraFusionLayer(nn.Module, SeraLayer):
         if device is not None and adapter_name in self.sera_fusion:
             self.sera_fusion[adapter_name].to(device)
 
-    def forward(self, grid: torch.Tensor) -> tuple[torch.Tensor, RouterDecision]:
+    def forward(self, grid: torch.Tensor, sentence: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterDecision]:
         active = self._active_modules()
         if active:
             _, fusion = active[0]  # the tuner keeps one SERA adapter per model
-            return fusion(grid)
+            return fusion(grid, sentence)
         no_expert = grid.new_zeros(grid.shape[0], FUSION_NUM_EXPERTS)
         return grid, RouterDecision(logits=no_expert, weights=no_expert)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner, _is_key_under_prefixes
 
-from .modeling_sera import vision_blocks
+from .modeling_sera import sentence_width, vision_blocks
 from .peft_sera_config import SERA_ADAPTER_FIELDS, SERA_FUSION_FIELDS, SeraTunerConfig
 from .peft_sera_layer import SeraAdapterLayer, SeraFusionLayer, SeraLayer
 from .sera_adapter import SeraAdaptedMLP, SeraAdapter
@@ -229,7 +229,7 @@ class SeraTunerModel(BaseTuner):
             for level in config.fusion_levels:
                 if str(level) in sera_model.fusion:
                     continue  # a SERA checkpoint's own SERA-Fusion: trained in place
-                layer = SeraFusionLayer(adapter_name, config, vision_width)
+                layer = SeraFusionLayer(adapter_name, config, vision_width, sentence_width(model.config))
                 # SeraModel's own init, on the device, dtype and train/eval mode of the vision tower it follows.
                 self._initialize(layer.sera_fusion[adapter_name], owner=sera_model, reference=sera_model.vision_model)
                 layer.train(sera_model.vision_model.training)

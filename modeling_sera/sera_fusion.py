@@ -135,10 +135,16 @@ class SeraFusion(nn.Module):
         spatial_init: float,
         context_num_heads: int,
         context_mlp_ratio: float,
+        sentence_dim: int = 0,
     ):
         super().__init__()
         self.router = SeraNoisyTopKRouter(
-            channels, router_hidden_size, len(FUSION_EXPERT_NAMES), top_k=top_k, noise_std=router_noise_std
+            channels,
+            router_hidden_size,
+            len(FUSION_EXPERT_NAMES),
+            top_k=top_k,
+            noise_std=router_noise_std,
+            condition_dim=sentence_dim,
         )
         self.experts = nn.ModuleDict(
             {
@@ -150,8 +156,9 @@ class SeraFusion(nn.Module):
         )
 
     @classmethod
-    def from_settings(cls, channels: int, settings) -> "SeraFusion":
-        """Build from any object carrying SeraConfig's `fusion_*` fields (SeraConfig, or the PEFT tuner config)."""
+    def from_settings(cls, channels: int, settings, sentence_dim: int) -> "SeraFusion":
+        """Build from any object carrying SeraConfig's `fusion_*` fields (SeraConfig, or the PEFT tuner config);
+        `sentence_dim` is the width of the sentence feature, read by the router if `fusion_router_sentence`."""
         return cls(
             channels,
             router_hidden_size=settings.fusion_router_hidden_size,
@@ -160,10 +167,12 @@ class SeraFusion(nn.Module):
             spatial_init=settings.fusion_spatial_init,
             context_num_heads=settings.fusion_context_num_heads,
             context_mlp_ratio=settings.fusion_context_mlp_ratio,
+            sentence_dim=sentence_dim if settings.fusion_router_sentence else 0,
         )
 
-    def forward(self, grid: torch.Tensor) -> tuple[torch.Tensor, RouterDecision]:
-        decision = self.router(grid)
+    def forward(self, grid: torch.Tensor, sentence: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterDecision]:
+        """grid: (B, C, H, W) level grid; sentence: (B, sentence_dim), read only by a sentence-aware router."""
+        decision = self.router(grid, sentence)
         weights = decision.weights.to(grid.dtype)
         if self.router.top_k == len(FUSION_EXPERT_NAMES):
             # Dense: every expert on the whole batch, accumulated with one fused multiply-add per expert.

@@ -32,19 +32,33 @@ class SeraSoftRouter(nn.Module):
 
 
 class SeraNoisyTopKRouter(nn.Module):
-    """`r = W2 GELU(W1 mean_hw(X))`; Gaussian noise on `r` while training; top-K kept; softmax over those K."""
+    """`r = W2 GELU(W1 mean_hw(X))`; Gaussian noise on `r` while training; top-K kept; softmax over those K.
 
-    def __init__(self, dim: int, hidden_size: int, num_experts: int, top_k: int, noise_std: float):
+    With `condition_dim > 0` the router also reads a per-sample condition vector c: `r = W2 GELU(W1 [mean_hw(X); c])`.
+    """
+
+    def __init__(
+        self, dim: int, hidden_size: int, num_experts: int, top_k: int, noise_std: float, condition_dim: int = 0
+    ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and the number of experts {num_experts}.")
         self.top_k = top_k
         self.noise_std = noise_std
-        self.fc1 = nn.Linear(dim, hidden_size)
+        self.condition_dim = condition_dim
+        self.fc1 = nn.Linear(dim + condition_dim, hidden_size)
         self.fc2 = nn.Linear(hidden_size, num_experts)
 
-    def forward(self, grid: torch.Tensor) -> RouterDecision:
-        logits = self.fc2(F.gelu(self.fc1(grid.mean(dim=(2, 3)))))
+    def forward(self, grid: torch.Tensor, condition: torch.Tensor | None = None) -> RouterDecision:
+        features = grid.mean(dim=(2, 3))
+        if self.condition_dim:
+            if condition is None:
+                raise ValueError(
+                    "This router reads a condition vector (the sentence feature, fusion_router_sentence=True); "
+                    "pass it with the grid."
+                )
+            features = torch.cat((features, condition.to(features.dtype)), dim=-1)
+        logits = self.fc2(F.gelu(self.fc1(features)))
         selection_logits = logits
         if self.training and self.noise_std > 0:
             # Noise lets under-used experts be tried, so the router does not lock in early.

@@ -17,14 +17,15 @@ from modeling_sera import SeraConfig  # noqa: E402
 def test_rows_cover_the_issue_and_quick_keeps_three():
     rows = accuracy_ablations.variants(config_top_k=4, quick=False)
     names = [name for name, _, _ in rows]
-    assert names == ["baseline", "adapter", "top1", "top2", "top3", "top4", "no_regularizers"]
+    assert names == ["baseline", "adapter", "top1", "top2", "top3", "top4", "no_regularizers", "sentence_router"]
+    assert accuracy_ablations.EXTRA_VARIANTS == ("sentence_router",)  # run only when asked for
     labels = dict((name, label) for name, label, _ in rows)
     assert labels["top4"].endswith("(SERA)") and "(SERA)" not in labels["top2"]
     assert [name for name, _, _ in accuracy_ablations.variants(4, quick=True)] == ["baseline", "adapter", "top4"]
     assert [name for name, _, _ in accuracy_ablations.variants(2, quick=True)] == ["baseline", "adapter", "top2"]
 
 
-@pytest.mark.parametrize("name", ["baseline", "top1", "no_regularizers"])
+@pytest.mark.parametrize("name", ["baseline", "top1", "no_regularizers", "sentence_router"])
 def test_overrides_reach_the_config_as_train_py_applies_them(name):
     overrides = dict((row[0], row[2]) for row in accuracy_ablations.variants(4, quick=False))[name]
     config = SeraConfig()

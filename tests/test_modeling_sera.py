@@ -179,6 +179,28 @@ def test_fixed_filters_are_rebuilt_on_load_and_not_saved(tmp_path):
             assert torch.equal(fusion.experts["shape"].filters.float(), fixed_filter_bank(SHAPE_FILTERS, channels))
 
 
+@pytest.mark.parametrize("reads_sentence", [False, True])
+def test_fusion_router_reads_the_sentence_only_when_asked(reads_sentence):
+    """The paper's router sees only the image level, so (without the text-conditioned adapters in the vision tower)
+    one image routes the same under any expression; `fusion_router_sentence=True` [ours] lets the expression in."""
+    model = build(use_sera_adapter=False, fusion_router_sentence=reads_sentence).eval()
+    config = model.config
+    router = model.model.fusion["0"].router
+    sentence_width = config.text_config.projection_dim or config.text_config.hidden_size
+    assert router.fc1.in_features == config.vision_config.hidden_size + (sentence_width if reads_sentence else 0)
+    batch, other_text = tiny_batch(2, seed=0), tiny_batch(2, seed=1)
+    batch_with_other_text = {
+        **batch,
+        "input_ids": other_text["input_ids"],
+        "attention_mask": other_text["attention_mask"],
+    }
+    with torch.no_grad():
+        logits = model(**batch).fusion_router_logits
+        logits_other_text = model(**batch_with_other_text).fusion_router_logits
+    for level, other in zip(logits, logits_other_text):
+        assert torch.equal(level, other) != reads_sentence
+
+
 def test_router_noise_only_in_training():
     model = build(fusion_top_k=2, fusion_router_noise_std=5.0)
     batch = tiny_batch(4)

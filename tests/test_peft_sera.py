@@ -283,7 +283,9 @@ def test_adapter_round_trip_in_a_fresh_process_right_after_importing_the_package
 
 
 def test_merge_and_unload_gives_a_plain_sera_model_that_loads_as_remote_code(tmp_path):
-    settings = dict(adapter_layers=[0, 2], adapter_scale=0.5, fusion_levels=[1, 2], fusion_top_k=3)
+    settings = dict(
+        adapter_layers=[0, 2], adapter_scale=0.5, fusion_levels=[1, 2], fusion_top_k=3, fusion_router_sentence=True
+    )
     model = get_peft_model(build_baseline(seed=4), tiny_tuner_config(**settings))
     train_steps(model, 1)
     model.eval()
