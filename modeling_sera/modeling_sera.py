@@ -163,9 +163,7 @@ class SeraModel(SeraPreTrainedModel):
             for level in config.fusion_levels:
                 self.fusion[str(level)] = SeraFusion.from_settings(vision_width, config, sentence_dim)
 
-        self.word_proj = (
-            nn.Linear(text_width, config.hidden_size) if text_width != config.hidden_size else nn.Identity()
-        )
+        self.word_proj = nn.Linear(text_width, config.hidden_size) if text_width != config.hidden_size else nn.Identity()
         self.neck = SeraNeck([vision_width] * len(config.vision_feature_layers), sentence_dim, config.hidden_size)
         self.decoder = SeraDecoder(
             config.hidden_size,
@@ -184,9 +182,7 @@ class SeraModel(SeraPreTrainedModel):
         if pixel_values is None or input_ids is None:
             raise ValueError("SERA needs both pixel_values and input_ids; build them with SeraProcessor.")
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(
-                f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}."
-            )
+            raise ValueError(f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
         patch = self.config.vision_patch_size
         if pixel_values.shape[-2] % patch or pixel_values.shape[-1] % patch:
             raise ValueError(
@@ -213,8 +209,8 @@ class SeraModel(SeraPreTrainedModel):
             else:
                 tokens = hidden_states[blocks_passed]
             patches = tokens[:, num_special:].unflatten(1, (grid_height, grid_width))  # (B, H, W, C)
-            # Channels-last, the tokens' own order: the experts' convolutions run on it without layout changes,
-            # and the context expert views it as tokens without a copy.
+            # Channels-last, the tokens' own order: the context expert views it as tokens without a copy, and the
+            # 1x1 convolutions of the neck take it as it is.
             levels.append(patches.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
         return levels
 
@@ -329,9 +325,7 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
         loss = mask_loss = z_loss = balance_loss = entropy_loss = None
         if labels is not None:
             mask_loss = self.mask_loss(logits, labels)
-            z_loss, balance_loss, entropy_loss = self.router_losses(
-                outputs.fusion_router_logits, outputs.fusion_router_weights
-            )
+            z_loss, balance_loss, entropy_loss = self.router_losses(outputs.fusion_router_logits, outputs.fusion_router_weights)
             loss = mask_loss + z_loss + balance_loss + entropy_loss
 
         output = SeraReferringSegmentationOutput(
@@ -454,10 +448,4 @@ def load_encoder_weights(target: nn.Module, source: nn.Module) -> None:
     target.load_state_dict(remapped, strict=False)
 
 
-__all__ = [
-    "SeraModel",
-    "SeraForReferringSegmentation",
-    "SeraPreTrainedModel",
-    "SeraModelOutput",
-    "SeraReferringSegmentationOutput",
-]
+__all__ = ["SeraModel", "SeraForReferringSegmentation", "SeraPreTrainedModel", "SeraModelOutput", "SeraReferringSegmentationOutput"]

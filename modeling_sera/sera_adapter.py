@@ -45,9 +45,7 @@ class SeraMultiScaleEnrichment(nn.Module):
         super().__init__()
         widths = (dim // 2, dim // 4, dim - dim // 2 - dim // 4)
         self.branch_1x1 = conv_bn_relu(dim, widths[0], 1)
-        self.branch_3x3 = nn.Sequential(
-            conv_bn_relu(dim + widths[0], widths[1], 1), conv_bn_relu(widths[1], widths[1], 3)
-        )
+        self.branch_3x3 = nn.Sequential(conv_bn_relu(dim + widths[0], widths[1], 1), conv_bn_relu(widths[1], widths[1], 3))
         self.branch_5x5 = nn.Sequential(
             conv_bn_relu(dim + widths[0] + widths[1], widths[2], 1), conv_bn_relu(widths[2], widths[2], 5)
         )

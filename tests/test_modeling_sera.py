@@ -276,24 +276,10 @@ def test_default_config_is_the_papers_real_size_model():
 @pytest.mark.parametrize(
     "vision_config",
     [
-        dict(
-            model_type="dinov2",
-            hidden_size=32,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            mlp_ratio=2,
-            patch_size=4,
-            image_size=32,
-        ),
-        dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            patch_size=4,
-            image_size=32,
-        ),
+        dict(model_type="dinov2", hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2,
+             patch_size=4, image_size=32),
+        dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+             num_attention_heads=2, patch_size=4, image_size=32),
     ],
 )
 def test_other_vision_backbones(vision_config):
@@ -458,7 +444,7 @@ def test_remote_code_load_in_a_fresh_process_without_the_package(tmp_path):
         f"""
         import sys, torch
         from transformers import AutoModel, AutoModelForImageSegmentation
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
         for auto_class in (AutoModel, AutoModelForImageSegmentation):
             model = auto_class.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
             assert type(model).__name__ == "SeraForReferringSegmentation", type(model)
