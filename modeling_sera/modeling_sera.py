@@ -23,7 +23,7 @@ from .sera_fusion import (
     SeraFusionBoundaryExpert,
     SeraFusionShapeExpert,
     SeraFusionSpatialExpert,
-    fixed_filter_bank,
+    fixed_filter_stack,
 )
 from .sera_head import SeraDecoder, SeraNeck, SeraProjector
 from .sera_routing import router_balance_loss, router_entropy_loss, router_z_loss
@@ -138,7 +138,7 @@ class SeraPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (SeraFusionBoundaryExpert, SeraFusionShapeExpert)):
             # Fixed filters live in non-persistent buffers: a checkpoint does not hold them, so rebuild them here.
             filters = BOUNDARY_FILTERS if isinstance(module, SeraFusionBoundaryExpert) else SHAPE_FILTERS
-            init.copy_(module.filters, fixed_filter_bank(filters, module.proj.out_channels))
+            init.copy_(module.filters, fixed_filter_stack(filters))
 
 
 class SeraModel(SeraPreTrainedModel):

@@ -23,30 +23,26 @@ SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 SOBEL_Y = tuple(zip(*SOBEL_X))
 GAUSSIAN = tuple(tuple(tap / 16.0 for tap in row) for row in ((1.0, 2.0, 1.0), (2.0, 4.0, 2.0), (1.0, 2.0, 1.0)))
 LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
-# Gx + Gy is itself a 3x3 filter: one more output of the same grouped conv instead of an extra pass over Gx and Gy.
-SOBEL_SUM = tuple(tuple(x + y for x, y in zip(row_x, row_y)) for row_x, row_y in zip(SOBEL_X, SOBEL_Y))
-BOUNDARY_FILTERS = (SOBEL_X, SOBEL_Y, SOBEL_SUM)
+BOUNDARY_FILTERS = (SOBEL_X, SOBEL_Y)
 SHAPE_FILTERS = (GAUSSIAN, LAPLACIAN)
 
 
-def fixed_filter_bank(filters, channels: int) -> torch.Tensor:
-    """Weight (channels * F, 1, 3, 3) of a grouped conv that applies each of the F filters to every channel.
-
-    Output channel `c * F + f` is filter `f` on input channel `c`: one kernel launch and one read of the input for
-    all F responses, where separate depthwise convs would need F of each.
-    """
-    return torch.tensor(filters, dtype=torch.float32).repeat(channels, 1, 1).unsqueeze(1)
+def fixed_filter_stack(filters) -> torch.Tensor:
+    """The filters as one (F, 3, 3) tensor, kept by the experts as a buffer: no host-to-device copy per call."""
+    return torch.tensor(filters, dtype=torch.float32)
 
 
-def apply_fixed_filters(grid: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Responses (B, C, F, H, W) of the bank's F filters on every channel, with replicate padding so that borders
-    do not look like edges."""
+def apply_fixed_filters(grid: torch.Tensor, filters: torch.Tensor) -> list[torch.Tensor]:
+    """Each (3, 3) filter of `filters` applied to every channel of `grid` (B, C, H, W), with replicate padding so
+    that borders do not look like edges; the padding is done once for all of them."""
     channels = grid.shape[1]
-    # In the default (NCHW) layout: PyTorch's own depthwise kernel takes it, and on an H200 cuDNN's channels-last
-    # grouped convolution ran these filters about 7x slower.
+    # NCHW: PyTorch's own depthwise kernel takes it on a GPU, where cuDNN's channels-last grouped convolution ran
+    # these filters about 7x slower (H200). One depthwise conv per filter, with the filter broadcast over channels
+    # (a stride-0 weight): on a CPU this keeps the convolution off oneDNN, whose grouped kernel gave results that
+    # differed in the last bit from one process to the next.
     padded = F.pad(grid.contiguous(), (1, 1, 1, 1), mode="replicate")
-    responses = F.conv2d(padded, bank.to(grid.dtype), groups=channels)
-    return responses.unflatten(1, (channels, bank.shape[0] // channels))
+    weights = filters.to(grid.dtype)
+    return [F.conv2d(padded, weight.expand(channels, 1, 3, 3), groups=channels) for weight in weights]
 
 
 def bn_relu(channels: int) -> nn.Sequential:
@@ -97,14 +93,14 @@ class SeraFusionBoundaryExpert(nn.Module):
         self.proj = nn.Conv2d(3 * channels, channels, 1, bias=False)
         self.phi = bn_relu(channels)
         # Not saved: fixed, rebuilt at construction (and by `_init_weights` when loading from the meta device).
-        self.register_buffer("filters", fixed_filter_bank(BOUNDARY_FILTERS, channels), persistent=False)
+        self.register_buffer("filters", fixed_filter_stack(BOUNDARY_FILTERS), persistent=False)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         grid = grid.contiguous()  # one layout for the filters and the concatenation (see apply_fixed_filters)
-        responses = apply_fixed_filters(grid, self.filters)  # (B, C, 3, H, W): Gx, Gy, Gx + Gy
+        grad_x, grad_y = apply_fixed_filters(grid, self.filters)
         # The epsilon keeps the gradient of sqrt finite on flat regions.
-        magnitude = (responses[:, :, :2].square().sum(dim=2) + 1e-6).sqrt()
-        return grid + self.phi(self.proj(torch.cat((grid, magnitude, responses[:, :, 2]), dim=1)))
+        magnitude = torch.sqrt(grad_x.pow(2) + grad_y.pow(2) + 1e-6)
+        return grid + self.phi(self.proj(torch.cat((grid, magnitude, grad_x + grad_y), dim=1)))
 
 
 class SeraFusionShapeExpert(nn.Module):
@@ -114,13 +110,11 @@ class SeraFusionShapeExpert(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(2 * channels, channels, 1, bias=False)
         self.phi = bn_relu(channels)
-        self.register_buffer("filters", fixed_filter_bank(SHAPE_FILTERS, channels), persistent=False)
+        self.register_buffer("filters", fixed_filter_stack(SHAPE_FILTERS), persistent=False)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        responses = apply_fixed_filters(grid, self.filters)  # (B, C, 2, H, W): blur, Laplacian
-        # [all blurred channels, all Laplacian channels], the order the projection's input channels have.
-        features = responses.transpose(1, 2).flatten(1, 2)
-        return grid + self.phi(self.proj(features))
+        blurred, laplacian = apply_fixed_filters(grid, self.filters)
+        return grid + self.phi(self.proj(torch.cat((blurred, laplacian), dim=1)))
 
 
 class SeraFusion(nn.Module):

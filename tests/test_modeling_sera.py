@@ -20,7 +20,7 @@ from modeling_sera.sera_fusion import (
     SHAPE_FILTERS,
     SOBEL_X,
     SOBEL_Y,
-    fixed_filter_bank,
+    fixed_filter_stack,
 )
 
 
@@ -144,8 +144,8 @@ def depthwise_reference(grid: torch.Tensor, taps) -> torch.Tensor:
 
 
 def test_fixed_filter_experts_follow_the_design_formulas():
-    """The boundary and shape experts run their filters as one grouped conv; check them against the formulas of
-    design section 3, with each filter applied on its own, on both memory layouts the model feeds them."""
+    """Check the boundary and shape experts (filters kept in a buffer, padding shared) against the formulas of
+    design section 3 written out plainly, on both memory layouts the model feeds them."""
     fusion = build().eval().model.fusion["0"]
     boundary, shape = fusion.experts["boundary"], fusion.experts["shape"]
     grid = torch.randn(3, 32, 7, 9)
@@ -171,12 +171,9 @@ def test_fixed_filters_are_rebuilt_on_load_and_not_saved(tmp_path):
     for dtype in (torch.float32, torch.bfloat16):
         reloaded = SeraForReferringSegmentation.from_pretrained(tmp_path, dtype=dtype)
         for fusion in reloaded.model.fusion.values():
-            channels = fusion.experts["boundary"].proj.out_channels
             # Every tap is exact in bf16, so whatever dtype they load in, the filters equal the float32 ones.
-            assert torch.equal(
-                fusion.experts["boundary"].filters.float(), fixed_filter_bank(BOUNDARY_FILTERS, channels)
-            )
-            assert torch.equal(fusion.experts["shape"].filters.float(), fixed_filter_bank(SHAPE_FILTERS, channels))
+            assert torch.equal(fusion.experts["boundary"].filters.float(), fixed_filter_stack(BOUNDARY_FILTERS))
+            assert torch.equal(fusion.experts["shape"].filters.float(), fixed_filter_stack(SHAPE_FILTERS))
 
 
 @pytest.mark.parametrize("reads_sentence", [False, True])
