@@ -248,12 +248,13 @@ def host_and_device_time_by_group(model, inputs, device: str, repeats: int = 3) 
         for handle in handles:
             handle.remove()
 
-    def enclosing_group(event) -> str:
+    def enclosing_group(event) -> str | None:
+        """The group of the innermost range around `event` (itself included), or None outside every range."""
         while event is not None:
             if event.name.startswith(RANGE_PREFIX):
                 return hooked[event.name[len(RANGE_PREFIX) :]]
             event = event.cpu_parent
-        return GLUE
+        return None
 
     totals = defaultdict(lambda: {"host_ms": 0.0, "device_ms": 0.0})
     for event in profiler.events():
@@ -261,15 +262,14 @@ def host_and_device_time_by_group(model, inputs, device: str, repeats: int = 3) 
             continue
         if event.name.startswith(RANGE_PREFIX):
             # Host time of a range, less that of the ranges directly inside it, is the group's own host time.
-            totals[hooked[event.name[len(RANGE_PREFIX) :]]]["host_ms"] += event.cpu_time_total / 1e3 / repeats
-            parent = event.cpu_parent
-            while parent is not None and not parent.name.startswith(RANGE_PREFIX):
-                parent = parent.cpu_parent
-            if parent is not None:
-                totals[enclosing_group(parent)]["host_ms"] -= event.cpu_time_total / 1e3 / repeats
+            host_ms = event.cpu_time_total / 1e3 / repeats
+            totals[enclosing_group(event)]["host_ms"] += host_ms
+            outer = enclosing_group(event.cpu_parent)
+            if outer is not None:
+                totals[outer]["host_ms"] -= host_ms
         kernel_us = sum(kernel.duration for kernel in event.kernels if not kernel.name.startswith(RANGE_PREFIX))
         if kernel_us:
-            totals[enclosing_group(event)]["device_ms"] += kernel_us / 1e3 / repeats
+            totals[enclosing_group(event) or GLUE]["device_ms"] += kernel_us / 1e3 / repeats
     return dict(totals)
 
 

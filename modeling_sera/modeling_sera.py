@@ -17,8 +17,6 @@ from transformers.utils import ModelOutput, logging
 from .configuration_sera import SeraConfig
 from .sera_adapter import SeraAdaptedMLP, SeraAdapter, SeraVisionContext
 from .sera_fusion import (
-    BOUNDARY_FILTERS,
-    SHAPE_FILTERS,
     SeraFusion,
     SeraFusionBoundaryExpert,
     SeraFusionShapeExpert,
@@ -137,8 +135,7 @@ class SeraPreTrainedModel(PreTrainedModel):
             init.constant_(module.scale, module.initial_scale)
         elif isinstance(module, (SeraFusionBoundaryExpert, SeraFusionShapeExpert)):
             # Fixed filters live in non-persistent buffers: a checkpoint does not hold them, so rebuild them here.
-            filters = BOUNDARY_FILTERS if isinstance(module, SeraFusionBoundaryExpert) else SHAPE_FILTERS
-            init.copy_(module.filters, fixed_filter_stack(filters))
+            init.copy_(module.filters, fixed_filter_stack(module.fixed_filters))
 
 
 class SeraModel(SeraPreTrainedModel):

@@ -88,12 +88,14 @@ class SeraFusionContextExpert(GradientCheckpointingLayer):
 class SeraFusionBoundaryExpert(nn.Module):
     """`X + phi(Conv1x1([X, |G|, Gx + Gy]))` with fixed depthwise Sobel gradients Gx, Gy."""
 
+    fixed_filters = BOUNDARY_FILTERS
+
     def __init__(self, channels: int):
         super().__init__()
         self.proj = nn.Conv2d(3 * channels, channels, 1, bias=False)
         self.phi = bn_relu(channels)
         # Not saved: fixed, rebuilt at construction (and by `_init_weights` when loading from the meta device).
-        self.register_buffer("filters", fixed_filter_stack(BOUNDARY_FILTERS), persistent=False)
+        self.register_buffer("filters", fixed_filter_stack(self.fixed_filters), persistent=False)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         grid = grid.contiguous()  # one layout for the filters and the concatenation (see apply_fixed_filters)
@@ -106,11 +108,13 @@ class SeraFusionBoundaryExpert(nn.Module):
 class SeraFusionShapeExpert(nn.Module):
     """`X + phi(Conv1x1([blur(X), laplacian(X)]))` with a fixed 3x3 Gaussian and Laplacian *[ours]*."""
 
+    fixed_filters = SHAPE_FILTERS
+
     def __init__(self, channels: int):
         super().__init__()
         self.proj = nn.Conv2d(2 * channels, channels, 1, bias=False)
         self.phi = bn_relu(channels)
-        self.register_buffer("filters", fixed_filter_stack(SHAPE_FILTERS), persistent=False)
+        self.register_buffer("filters", fixed_filter_stack(self.fixed_filters), persistent=False)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         blurred, laplacian = apply_fixed_filters(grid, self.filters)
