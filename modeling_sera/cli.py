@@ -1,14 +1,16 @@
 """`sera-predict`: segment what an expression refers to in one image, and draw the result.
 
-    sera-predict IMAGE "the dog on the left" --model MODEL_DIR [--out mask.png] [--device auto|cpu|cuda|cuda:N]
-        [--threshold 0.35]
+    sera-predict IMAGE "the dog on the left" --model MODEL_DIR_OR_REPO_ID [--revision REV] [--out mask.png]
+        [--device auto|cpu|cuda|cuda:N] [--threshold 0.35]
 
 Writes the mask (a PNG at the image's size: 255 on the object, 0 elsewhere) and an overlay picture (the mask tinted
 over the image with its outline, next to the expression, the score and the experts' routing weights as bar charts),
 then prints where it wrote them. Bad input ends with a one-line error that says what to do.
 
-The model is loaded with this package's classes, so any folder SERA's `save_pretrained` wrote works, with or without
-the remote-code files next to its weights.
+`--model` is a folder written by `save_pretrained` or a Hub repo id (`--revision`: a branch, tag or commit of it).
+:func:`load_segmenter` loads it through `transformers.pipeline(...)` with this package's classes, so a folder works
+with or without the remote-code files next to its weights and no code from a Hub repo is run. `training/evaluate.py`
+and `demo/app.py` load their models with the same function.
 """
 
 import argparse
@@ -21,9 +23,8 @@ import torch
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from .configuration_sera import SeraConfig
-from .modeling_sera import SeraForReferringSegmentation
-from .pipeline_sera import ReferringImageSegmentationPipeline, load_image
-from .processing_sera import SeraProcessor
+from .image_processing_sera import MIN_IMAGE_SIDE
+from .pipeline_sera import TASK, ReferringImageSegmentationPipeline, load_image
 
 
 PROG = "sera-predict"
@@ -39,6 +40,10 @@ def fail(message: str):
     raise SystemExit(f"{PROG}: error: {message}")
 
 
+class ModelSourceError(ValueError):
+    """A model folder or Hub repo id that cannot be loaded; the message is one line that says what to do."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -46,7 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("image", help="the image file (any format PIL reads)")
     parser.add_argument("expression", help='what to segment, e.g. "the dog on the left"')
-    parser.add_argument("--model", required=True, help="a folder written by save_pretrained (model and processor)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a folder written by save_pretrained (model and processor) or a Hub repo id such as org/sera-refcoco",
+    )
+    parser.add_argument("--revision", help="with a Hub repo id: the branch, tag or commit to load (default: main)")
     parser.add_argument(
         "--out",
         help="where to write the mask PNG (default: IMAGE_NAME.mask.png in the current folder); the overlay "
@@ -58,20 +68,86 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_model_folder(folder: Path) -> None:
-    """Fail early, in one line, on what from_pretrained would report in a long traceback."""
+    """Fail early, in one line (ModelSourceError), on what from_pretrained would report in a long traceback."""
     if not folder.is_dir():
-        fail(f"model folder not found: {folder}. Pass --model a folder written by save_pretrained.")
+        raise ModelSourceError(f"model folder not found: {folder}. Pass a folder written by save_pretrained.")
     config_file = folder / "config.json"
     if not config_file.is_file():
-        fail(f"{folder} has no config.json, so it is not a saved model. Pass a folder written by save_pretrained.")
+        raise ModelSourceError(
+            f"{folder} has no config.json, so it is not a saved model. Pass a folder written by save_pretrained."
+        )
     model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     if model_type != SeraConfig.model_type:
-        fail(f"{folder} holds a {model_type!r} model, not SERA. Pass a folder written by SERA's save_pretrained.")
+        raise ModelSourceError(
+            f"{folder} holds a {model_type!r} model, not SERA. Pass a folder written by SERA's save_pretrained."
+        )
     if not (folder / "processor_config.json").is_file():
-        fail(
+        raise ModelSourceError(
             f"{folder} has no processor_config.json: save the processor next to the model with "
             f"processor.save_pretrained('{folder}')."
         )
+
+
+def check_model_source(model: str, revision: str | None = None, inspect_folder: bool = True) -> None:
+    """The checks that cost nothing: an existing folder must hold a saved SERA and its processor (unless not
+    ``inspect_folder``); anything else must be a valid Hub repo id (``org/name``). Raises ModelSourceError."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(model).is_dir():
+        if revision is not None:
+            raise ModelSourceError(f"--revision {revision} is for a Hub repo id, but {model} is a local folder.")
+        if inspect_folder:
+            check_model_folder(Path(model))
+        return
+    try:
+        validate_repo_id(str(model))
+    except HFValidationError:
+        raise ModelSourceError(
+            f"model folder not found: {model}. Pass a folder written by save_pretrained or a Hub repo id (org/name)."
+        ) from None
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def load_segmenter(model, revision: str | None = None, device=None) -> ReferringImageSegmentationPipeline:
+    """The "referring-image-segmentation" pipeline for a saved SERA folder or a Hub repo id, built by
+    `transformers.pipeline(...)` with this package's classes (no remote code is run). `pipe.model` and
+    `pipe.processor` are the loaded model and processor. Raises ModelSourceError, whose message is one line."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from transformers import AutoConfig, pipeline
+
+    model = str(model)
+    check_model_source(model, revision)
+    where = model if revision is None else f"{model} at revision {revision}"
+    is_local = Path(model).is_dir()
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision)
+    except (OSError, ValueError, HfHubHTTPError) as error:
+        if is_local:
+            raise ModelSourceError(f"cannot read the config of {where}: {_one_line(error)}") from error
+        raise ModelSourceError(
+            f"cannot load {where}: it is not a local folder, and the Hub gave no SERA model for it "
+            f"({_one_line(error)}). Check the repo id and --revision, log in with `hf auth login` for a private "
+            "repo, or pass a folder written by save_pretrained."
+        ) from error
+    if config.model_type != SeraConfig.model_type:
+        raise ModelSourceError(f"{where} holds a {config.model_type!r} model, not SERA.")
+    try:
+        return pipeline(
+            TASK,
+            model=model,
+            config=config,
+            revision=revision,
+            device=device,
+            pipeline_class=ReferringImageSegmentationPipeline,
+            trust_remote_code=False,  # this package's classes are registered: nothing from the repo is executed
+        )
+    except (OSError, ValueError, HfHubHTTPError) as error:
+        raise ModelSourceError(f"cannot load {where}: {_one_line(error)}") from error
 
 
 def resolve_device(device: str) -> torch.device:
@@ -184,7 +260,7 @@ def draw_overlay(image: Image.Image, mask: Image.Image, expression: str, score: 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    image_path, model_folder = Path(args.image), Path(args.model)
+    image_path = Path(args.image)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         fail(f"--threshold is a probability between 0 and 1, got {args.threshold}.")
     if not args.expression.strip():
@@ -192,18 +268,27 @@ def main(argv=None) -> int:
     mask_path, overlay_path = output_paths(image_path, args.out)
     if not mask_path.parent.is_dir():
         fail(f"output folder not found: {mask_path.parent}. Create it or pass another --out.")
-    check_model_folder(model_folder)
+    try:
+        check_model_source(args.model, args.revision)
+    except ModelSourceError as error:
+        fail(str(error))
     if not image_path.is_file():
         fail(f"image not found: {image_path}. Check the path.")
     try:
         image = load_image(image_path)
     except ValueError as error:
         fail(str(error))
+    if min(image.size) < MIN_IMAGE_SIDE:
+        fail(
+            f"{image_path} is {image.width}x{image.height} pixels: SERA needs at least {MIN_IMAGE_SIDE} pixels on "
+            "each side. Pass a larger image."
+        )
     device = resolve_device(args.device)
 
-    model = SeraForReferringSegmentation.from_pretrained(model_folder)
-    processor = SeraProcessor.from_pretrained(model_folder)
-    pipe = ReferringImageSegmentationPipeline(model=model, processor=processor, device=device)
+    try:
+        pipe = load_segmenter(args.model, revision=args.revision, device=device)
+    except ModelSourceError as error:
+        fail(str(error))
     result = pipe(image, args.expression, threshold=args.threshold, return_router_weights=True)
 
     result["mask"].save(mask_path)

@@ -57,6 +57,11 @@ class SeraConfig(PreTrainedConfig):
             Experts kept per sample by the SERA-Fusion router (1 to 4).
         fusion_router_noise_std (`float`, *optional*, defaults to 1.0):
             Std of the Gaussian noise added to the router logits during training *[ours]*.
+        fusion_router_noise (`str`, *optional*, defaults to `"always"`):
+            When the router noise is added *[ours]*: `"always"` while training (the paper's noisy top-K), or
+            `"sparse_only"`, only when `fusion_top_k` is below the number of experts. With all four experts kept the
+            noise selects nothing and only jitters the weights: std 1.0 against clean logits that differ by about
+            0.01 across samples (BENCHMARKS.md) leaves the weights noise.
         fusion_router_hidden_size (`int`, *optional*, defaults to 192):
             Hidden width of the two-layer router `W2 GELU(W1 mean(X))` *[ours]*.
         fusion_router_sentence (`bool`, *optional*, defaults to `False`):
@@ -76,9 +81,18 @@ class SeraConfig(PreTrainedConfig):
         router_entropy_loss_weight (`float`, *optional*, defaults to 1e-3):
             Weight of the token-assignment regularizer, the mean entropy of the routing weights *[ours]*; 0 turns
             it off.
-        vision_feature_layers (`list[int]`, *optional*, defaults to `[4, 8, 12]`):
-            Levels taken after these many vision blocks; the last one must be the backbone depth and is taken after
-            the backbone's final norm.
+        router_loss_level_reduction (`str`, *optional*, defaults to `"mean"`):
+            How the regularizers of the fused levels' routers combine *[ours]*: `"mean"` (each of the L routers gets
+            lambda / L) or `"sum"` (each gets the full lambda).
+        router_regularizer_weights (`str`, *optional*, defaults to `"noisy"`):
+            Which routing weights the balance and entropy terms see *[ours]*: `"noisy"`, the weights the experts
+            were mixed with (a perfectly balanced router still pays about 0.035 balance loss at batch 16, for the
+            noise), or `"clean"`, the top-K softmax of the noise-free logits.
+        vision_feature_layers (`list[int]`, *optional*, defaults to `[5, 9, 12]`):
+            Levels taken after these many vision blocks (indices into transformers' `hidden_states`, whose entry 0
+            is the embeddings); the last one must be the backbone depth and is taken after the backbone's final
+            norm. The default is DETRIS's: after 0-based blocks 4 and 8 (`hidden_states[5]` and `[9]`) and the
+            final norm. `[4, 8, 12]`, one block earlier, is what this package took up to 0.1.0.
         hidden_size (`int`, *optional*, defaults to 512):
             Width of the multimodal neck, decoder and sentence feature space.
         decoder_num_layers (`int`, *optional*, defaults to 3):
@@ -141,6 +155,7 @@ class SeraConfig(PreTrainedConfig):
     fusion_levels: list[int] = field(default_factory=lambda: [0, 1, 2])
     fusion_top_k: int = 4
     fusion_router_noise_std: float = 1.0
+    fusion_router_noise: str = "always"
     fusion_router_hidden_size: int = 192
     fusion_router_sentence: bool = False
     fusion_spatial_init: float = 0.1
@@ -150,8 +165,10 @@ class SeraConfig(PreTrainedConfig):
     router_z_loss_weight: float = 1e-3
     router_balance_loss_weight: float = 1e-2
     router_entropy_loss_weight: float = 1e-3
+    router_loss_level_reduction: str = "mean"
+    router_regularizer_weights: str = "noisy"
 
-    vision_feature_layers: list[int] = field(default_factory=lambda: [4, 8, 12])
+    vision_feature_layers: list[int] = field(default_factory=lambda: [5, 9, 12])
     hidden_size: int = 512
     decoder_num_layers: int = 3
     decoder_num_heads: int = 8
@@ -228,6 +245,13 @@ class SeraConfig(PreTrainedConfig):
                     f"fusion_levels={self.fusion_levels} must be indices into vision_feature_layers "
                     f"(0 to {len(levels) - 1})."
                 )
+            for name, value, allowed in (
+                ("fusion_router_noise", self.fusion_router_noise, ("always", "sparse_only")),
+                ("router_loss_level_reduction", self.router_loss_level_reduction, ("mean", "sum")),
+                ("router_regularizer_weights", self.router_regularizer_weights, ("noisy", "clean")),
+            ):
+                if value not in allowed:
+                    raise ValueError(f"{name}={value!r} must be one of {allowed}.")
             if not 1 <= self.fusion_top_k <= FUSION_NUM_EXPERTS:
                 raise ValueError(f"fusion_top_k={self.fusion_top_k} must be between 1 and {FUSION_NUM_EXPERTS}.")
             if self.vision_config.hidden_size % self.fusion_context_num_heads:

@@ -114,9 +114,12 @@ class SeraImageProcessorKwargs(ImagesKwargs, total=False):
     """
     mask_threshold (`float`, *optional*, defaults to 0.35):
         Probability above which a pixel belongs to the predicted mask in `post_process_referring_segmentation`.
+    sigmoid_before_resize (`bool`, *optional*, defaults to `True`):
+        Whether `post_process_referring_segmentation` turns logits into probabilities before resizing them.
     """
 
     mask_threshold: float | None
+    sigmoid_before_resize: bool | None
 
 
 class SeraImageProcessor(PilBackend):
@@ -142,6 +145,10 @@ class SeraImageProcessor(PilBackend):
             Whether to normalize with `image_mean` and `image_std` (ImageNet's, as DINOv2 was trained with).
         mask_threshold (`float`, *optional*, defaults to 0.35):
             Default probability threshold of `post_process_referring_segmentation`.
+        sigmoid_before_resize (`bool`, *optional*, defaults to `True`):
+            Whether the sigmoid comes before the resizing of `post_process_referring_segmentation` (DETRIS: the
+            probabilities are upsampled, so the result stays inside [0, 1] and a sharp logit edge cannot overshoot),
+            or after it (`False`: resized logits, this package's behaviour up to 0.1.0).
     """
 
     valid_kwargs = SeraImageProcessorKwargs
@@ -155,6 +162,7 @@ class SeraImageProcessor(PilBackend):
     image_mean = IMAGENET_DEFAULT_MEAN
     image_std = IMAGENET_DEFAULT_STD
     mask_threshold = 0.35
+    sigmoid_before_resize = True
 
     def __init__(self, **kwargs: Unpack[SeraImageProcessorKwargs]):
         super().__init__(**kwargs)
@@ -380,7 +388,8 @@ class SeraImageProcessor(PilBackend):
 
         For each sample the logits, which cover the whole letterbox square, are upsampled bilinearly to the square's
         side, the letterbox content is cut out (so the padding can never leak into the mask), resized bilinearly to
-        the original size, passed through a sigmoid and thresholded.
+        the original size and thresholded. The sigmoid comes first (DETRIS), or after the resizing with
+        `sigmoid_before_resize=False`.
 
         Args:
             outputs (model output, `dict` or `torch.Tensor`):
@@ -415,6 +424,8 @@ class SeraImageProcessor(PilBackend):
         results = []
         for sample_logits, (height, width) in zip(logits, target_sizes):
             sample_logits = sample_logits[None].detach().float()  # results are data, not part of a graph
+            if self.sigmoid_before_resize:
+                sample_logits = sample_logits.sigmoid()  # from here on these are probabilities
             if sample_logits.shape[-2:] != (side, side):
                 sample_logits = F.interpolate(sample_logits, size=(side, side), mode="bilinear", align_corners=False)
             new_height, new_width, top, left = letterbox_geometry(height, width, side)
@@ -422,7 +433,7 @@ class SeraImageProcessor(PilBackend):
             content = F.interpolate(
                 content, size=(int(height), int(width)), mode="bilinear", align_corners=False, antialias=True
             )
-            probabilities = content[0, 0].sigmoid()
+            probabilities = content[0, 0] if self.sigmoid_before_resize else content[0, 0].sigmoid()
             mask = probabilities > threshold
             score = probabilities[mask].mean() if mask.any() else probabilities.new_zeros(())
             results.append({"mask": mask, "score": score, "probabilities": probabilities})

@@ -15,7 +15,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 from .configuration_sera import SeraConfig
-from .sera_adapter import SeraAdaptedMLP, SeraAdapter, SeraVisionContext
+from .sera_adapter import SeraAdaptedMLP, SeraAdapter, SeraVisionContext, checkpoint_with_words, sera_vision_scope
 from .sera_fusion import (
     SeraFusion,
     SeraFusionBoundaryExpert,
@@ -24,7 +24,7 @@ from .sera_fusion import (
     fixed_filter_stack,
 )
 from .sera_head import SeraDecoder, SeraNeck, SeraProjector
-from .sera_routing import router_balance_loss, router_entropy_loss, router_z_loss
+from .sera_routing import router_balance_loss, router_entropy_loss, router_z_loss, top_k_softmax
 
 
 logger = logging.get_logger(__name__)
@@ -52,6 +52,9 @@ class SeraModelOutput(ModelOutput):
         The clean (noise-free) router logits matching `fusion_router_weights`.
     vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         The level grids `(batch_size, vision_width, height, width)` after SERA-Fusion, when `output_hidden_states`.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        The vision tower's hidden states `(batch_size, num_tokens, vision_width)`, when `output_hidden_states`: the
+        embeddings' output, then one per block (SERA-Adapters included), as transformers' vision models give them.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -60,6 +63,7 @@ class SeraModelOutput(ModelOutput):
     fusion_router_weights: tuple[torch.FloatTensor, ...] | None = None
     fusion_router_logits: tuple[torch.FloatTensor, ...] | None = None
     vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -75,7 +79,7 @@ class SeraReferringSegmentationOutput(ModelOutput):
         `config.dice_loss_weight` times a soft Dice loss when that weight is positive.
     router_z_loss, router_balance_loss, router_entropy_loss (`torch.FloatTensor`, *optional*):
         The weighted MoE regularizers of the SERA-Fusion routers (zero without SERA-Fusion), in training mode.
-    adapter_router_weights, fusion_router_weights, fusion_router_logits, vision_hidden_states:
+    adapter_router_weights, fusion_router_weights, fusion_router_logits, vision_hidden_states, hidden_states:
         See [`SeraModelOutput`].
     """
 
@@ -89,6 +93,7 @@ class SeraReferringSegmentationOutput(ModelOutput):
     fusion_router_weights: tuple[torch.FloatTensor, ...] | None = None
     fusion_router_logits: tuple[torch.FloatTensor, ...] | None = None
     vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 def sentence_width(config: SeraConfig) -> int:
@@ -104,6 +109,30 @@ def vision_blocks(vision_model: nn.Module) -> nn.ModuleList:
         if isinstance(getattr(encoder, attribute, None), nn.ModuleList):
             return getattr(encoder, attribute)
     raise TypeError(f"Cannot find the transformer blocks of {type(vision_model).__name__}.")
+
+
+def selected_hidden_states(hidden_states: tuple, output_hidden_states) -> tuple | None:
+    """The vision tower's hidden states as `output_hidden_states` asks for them: all (`True`), none (`False`), or,
+    given a list of indices (negative ones counting from the end), those and `None` in the other places."""
+    if isinstance(output_hidden_states, (list, tuple)):
+        kept = {index % len(hidden_states) for index in output_hidden_states}
+        return tuple(state if index in kept else None for index, state in enumerate(hidden_states))
+    return tuple(hidden_states) if output_hidden_states else None
+
+
+def freeze_unused_mask_token(vision_model: nn.Module) -> None:
+    """Turn DINOv2's `embeddings.mask_token` from a parameter into a (saved) buffer.
+
+    DINOv2 uses it only for masked-image pretraining (`bool_masked_pos`), which SERA never passes: as a parameter it
+    would get no gradient under full fine-tuning, and DDP with `find_unused_parameters=False` (Accelerate's default)
+    stops at the first step with an unused-parameter error. A persistent buffer keeps its state-dict name, so
+    checkpoints and pretrained DINOv2 weights load into it as before, but no optimizer or DDP reducer sees it.
+    """
+    embeddings = getattr(vision_model, "embeddings", None)
+    mask_token = getattr(embeddings, "mask_token", None)
+    if isinstance(mask_token, nn.Parameter):
+        del embeddings.mask_token
+        embeddings.register_buffer("mask_token", mask_token.detach(), persistent=True)
 
 
 def build_vision_model(vision_config) -> nn.Module:
@@ -144,6 +173,7 @@ class SeraModel(SeraPreTrainedModel):
     def __init__(self, config: SeraConfig):
         super().__init__(config)
         self.vision_model = build_vision_model(config.vision_config)
+        freeze_unused_mask_token(self.vision_model)
         self.text_model = CLIPTextModelWithProjection(config.text_config)
         vision_width = config.vision_config.hidden_size
         text_width = config.text_config.hidden_size
@@ -171,9 +201,27 @@ class SeraModel(SeraPreTrainedModel):
         )
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's token embeddings: the only input embeddings SERA has (its images enter as pixels), so
+        `resize_token_embeddings` grows the vocabulary of the text tower, whose config holds the new size."""
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
+
     def adapted_mlps(self) -> list[SeraAdaptedMLP]:
         """Every module in the vision tower that needs the words; found each call, since PEFT can inject them."""
-        return [module for module in self.vision_model.modules() if hasattr(module, "set_vision_context")]
+        return [module for module in self.vision_model.modules() if getattr(module, "reads_sera_words", False)]
+
+    def _pass_words_to_checkpoints(self) -> None:
+        """Under gradient checkpointing, make the words inputs of every adapted block's checkpoint (see
+        `checkpoint_with_words`); checkpointing may have been enabled, or adapters injected, since the last call."""
+        for block in vision_blocks(self.vision_model):
+            function = getattr(block, "_gradient_checkpointing_func", None)
+            if function is None or not getattr(block, "gradient_checkpointing", False):
+                continue
+            if any(getattr(module, "reads_sera_words", False) for module in block.modules()):
+                block._gradient_checkpointing_func = checkpoint_with_words(function)
 
     def _check_inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> None:
         if pixel_values is None or input_ids is None:
@@ -216,11 +264,13 @@ class SeraModel(SeraPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> SeraModelOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         self._check_inputs(pixel_values, input_ids)
         pixel_values = pixel_values.to(self.dtype)
 
@@ -238,10 +288,12 @@ class SeraModel(SeraPreTrainedModel):
             grid_width=grid_width,
             num_special_tokens=self.config.num_special_vision_tokens,
         )
-        for module in adapted:
-            module.set_vision_context(context)
-        vision_outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
-        adapter_router_weights = tuple(module.router_weights for module in adapted)
+        self._pass_words_to_checkpoints()
+        with sera_vision_scope(context) as scope:
+            vision_outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+        # Detached: for inspection only (no loss reads them), as the fusion routers' weights are not.
+        recorded = [scope.router_weights.get(id(module)) for module in adapted]
+        adapter_router_weights = tuple(weights.detach() if weights is not None else None for weights in recorded)
 
         levels = self._vision_levels(vision_outputs, grid_height, grid_width)
         fusion_weights, fusion_logits = [], []
@@ -261,6 +313,7 @@ class SeraModel(SeraPreTrainedModel):
             fusion_router_weights=tuple(fusion_weights),
             fusion_router_logits=tuple(fusion_logits),
             vision_hidden_states=tuple(levels) if output_hidden_states else None,
+            hidden_states=selected_hidden_states(vision_outputs.hidden_states, output_hidden_states),
         )
         return output if return_dict else output.to_tuple()
 
@@ -300,7 +353,7 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         labels: torch.FloatTensor | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> SeraReferringSegmentationOutput | tuple:
@@ -336,8 +389,16 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
             fusion_router_weights=outputs.fusion_router_weights,
             fusion_router_logits=outputs.fusion_router_logits,
             vision_hidden_states=outputs.vision_hidden_states,
+            hidden_states=outputs.hidden_states,
         )
         return output if return_dict else output.to_tuple()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's token embeddings (see [`SeraModel.get_input_embeddings`])."""
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
 
     def freeze_encoders(self, train_norms_and_biases: bool = True) -> None:
         """The paper's regime: freeze both encoders except their LayerNorm and bias terms (and the SERA-Adapters
@@ -352,7 +413,11 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
                     param.requires_grad_(in_adapter or (train_norms_and_biases and is_norm_or_bias))
 
     def mask_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """BCE with logits on the logits' grid, plus `config.dice_loss_weight` times a soft Dice loss."""
+        """BCE with logits on the logits' grid, plus `config.dice_loss_weight` times a soft Dice loss.
+
+        *[ours]*: the targets are the labels area-averaged to the logits' grid (soft at object borders); DETRIS
+        resizes the binary mask with nearest neighbour instead.
+        """
         if labels.ndim == 4 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
@@ -372,14 +437,19 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
         return loss
 
     def router_losses(self, logits, weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Weighted MoE regularizers averaged over the fused levels; zeros in eval mode or without SERA-Fusion."""
+        """Weighted MoE regularizers over the fused levels (mean or sum: `router_loss_level_reduction`), on the
+        noisy or the clean routing weights (`router_regularizer_weights`); zeros in eval mode or without
+        SERA-Fusion."""
         zero = self.projector.kernel_generator.weight.new_zeros((), dtype=torch.float32)
         if not logits or not self.training:
             return zero, zero, zero
         config = self.config
-        z_loss = torch.stack([router_z_loss(level) for level in logits]).mean() * config.router_z_loss_weight
-        balance = torch.stack([router_balance_loss(level) for level in weights]).mean()
-        entropy = torch.stack([router_entropy_loss(level) for level in weights]).mean()
+        if config.router_regularizer_weights == "clean":
+            weights = [top_k_softmax(level.float(), config.fusion_top_k) for level in logits]
+        reduce = torch.mean if config.router_loss_level_reduction == "mean" else torch.sum
+        z_loss = reduce(torch.stack([router_z_loss(level) for level in logits])) * config.router_z_loss_weight
+        balance = reduce(torch.stack([router_balance_loss(level) for level in weights]))
+        entropy = reduce(torch.stack([router_entropy_loss(level) for level in weights]))
         return z_loss, balance * config.router_balance_loss_weight, entropy * config.router_entropy_loss_weight
 
     @classmethod

@@ -28,6 +28,7 @@ SERA_FUSION_FIELDS = (
     "fusion_levels",
     "fusion_top_k",
     "fusion_router_noise_std",
+    "fusion_router_noise",
     "fusion_router_hidden_size",
     "fusion_router_sentence",
     "fusion_spatial_init",
@@ -68,7 +69,7 @@ class SeraTunerConfig(PeftConfig):
         adapter_spatial_expert_weight, adapter_boundary_expert_weight, adapter_mask_padding: As in [`SeraConfig`].
         use_sera_fusion (`bool`, defaults to `True`): Inject a SERA-Fusion at each level in `fusion_levels`.
         fusion_levels (`list[int]`, defaults to `[0, 1, 2]`): Indices into the model's `vision_feature_layers`.
-        fusion_top_k, fusion_router_noise_std, fusion_router_hidden_size, fusion_router_sentence,
+        fusion_top_k, fusion_router_noise_std, fusion_router_noise, fusion_router_hidden_size, fusion_router_sentence,
         fusion_spatial_init, fusion_context_num_heads, fusion_context_mlp_ratio: As in [`SeraConfig`].
         train_encoder_norms_and_biases (`bool`, defaults to `True`):
             Train every LayerNorm and every bias term of both encoders (the paper: "<1% of backbone parameters").
@@ -106,6 +107,9 @@ class SeraTunerConfig(PeftConfig):
     )
     fusion_top_k: int = field(default=4, metadata={"help": "Experts kept per sample by the fusion router (1 to 4)."})
     fusion_router_noise_std: float = field(default=1.0, metadata={"help": "Router logit noise while training."})
+    fusion_router_noise: str = field(
+        default="always", metadata={"help": "[ours] 'always' (the paper) or 'sparse_only': noise only when K < 4."}
+    )
     fusion_router_hidden_size: int = field(default=192, metadata={"help": "Hidden width of the fusion router."})
     fusion_router_sentence: bool = field(
         default=False, metadata={"help": "[ours] The fusion routers also read the sentence feature."}

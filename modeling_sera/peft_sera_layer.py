@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .configuration_sera import FUSION_NUM_EXPERTS
 from .peft_sera_config import SeraTunerConfig
-from .sera_adapter import SeraAdapter, SeraVisionContext
+from .sera_adapter import SeraAdapter, current_vision_scope
 from .sera_fusion import SeraFusion
 from .sera_routing import RouterDecision
 
@@ -47,10 +47,11 @@ class SeraLayer(BaseTunerLayer):
 class SeraAdapterLayer(nn.Module, SeraLayer):
     """A vision block's `mlp` plus a SERA-Adapter: `base_layer(x) + scale * adapter(x, words)`.
 
-    The SERA model finds it like its own `SeraAdaptedMLP`: it has `set_vision_context` (the model hands over the
-    words before each vision forward) and exposes `router_weights` after it (None while the adapters are disabled).
+    The SERA model finds it like its own `SeraAdaptedMLP` (`reads_sera_words`): it reads the words from the current
+    `sera_vision_scope` and records its router weights there (none while the adapters are disabled).
     """
 
+    reads_sera_words = True
     adapter_layer_names = ("sera_adapter",)
     other_param_names = ("scale",)
 
@@ -66,8 +67,6 @@ class SeraAdapterLayer(nn.Module, SeraLayer):
         self.base_layer = base_layer
         self.sera_adapter = nn.ModuleDict()
         self.scale: dict[str, float] = {}
-        self.context: SeraVisionContext | None = None
-        self.router_weights: torch.Tensor | None = None
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -90,22 +89,12 @@ class SeraAdapterLayer(nn.Module, SeraLayer):
             return
         self.sera_adapter[adapter_name].to(device if device is not None else reference.device, dtype=reference.dtype)
 
-    def set_vision_context(self, context: SeraVisionContext | None) -> None:
-        # Kept until the next call: gradient checkpointing replays this module during the backward pass.
-        self.context = context
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(hidden_states)
-        self.router_weights = None
         for adapter_name, adapter in self._active_modules():
-            if self.context is None:
-                raise RuntimeError(
-                    "SERA-Adapter called without word features: run the vision tower through SeraModel, which sets "
-                    "them with set_vision_context() before each forward."
-                )
-            adapter_output, router_weights = adapter(hidden_states, self.context)
-            # Detached: a live tensor would keep the replayed forward's graph alive under activation checkpointing.
-            self.router_weights = router_weights.detach()
+            scope = current_vision_scope()
+            adapter_output, router_weights = adapter(hidden_states, scope.context)
+            scope.router_weights[id(self)] = router_weights
             result = result + self.scale[adapter_name] * adapter_output
         return result
 

@@ -2,11 +2,19 @@
 
 In an adapted block the FFN becomes `mlp(norm2(x)) + s * adapter(norm2(x), words)`, the block's LayerScale and
 residual being applied afterwards as usual. `SeraAdaptedMLP` is the module that takes the place of the block's `mlp`
-so that the backbone's own forward is left untouched; the words reach it through `set_vision_context`, which the
-model calls before each vision forward.
+so that the backbone's own forward is left untouched.
+
+The words reach it through a scope (`sera_vision_scope`) that `SeraModel` opens around each vision forward, private to
+the calling thread, so that one model can serve several threads at once; the adapter records its router weights in
+the same scope, and the model returns them as values. Under gradient checkpointing the words must be inputs of each
+checkpoint, or a reentrant checkpoint would backpropagate into the text tower a second time when it replays a block:
+`checkpoint_with_words` wraps an adapted block's checkpoint function so that the words are passed to it as arguments
+and the router weights come back from it as outputs.
 """
 
-from dataclasses import dataclass
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -24,6 +32,65 @@ class SeraVisionContext:
     grid_height: int
     grid_width: int
     num_special_tokens: int  # CLS + registers in front of the patch tokens
+
+
+@dataclass
+class SeraVisionScope:
+    """One vision forward: the context its adapters read, and the router weights they record (by module id)."""
+
+    context: SeraVisionContext
+    router_weights: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+_SCOPES = threading.local()
+
+
+@contextmanager
+def sera_vision_scope(context: SeraVisionContext):
+    """Make `context` what the SERA-Adapters of this thread read until the block ends (scopes nest)."""
+    previous = getattr(_SCOPES, "scope", None)
+    scope = SeraVisionScope(context)
+    _SCOPES.scope = scope
+    try:
+        yield scope
+    finally:
+        _SCOPES.scope = previous
+
+
+def current_vision_scope() -> SeraVisionScope:
+    scope = getattr(_SCOPES, "scope", None)
+    if scope is None:
+        raise RuntimeError(
+            "SERA-Adapter called without word features: run the vision tower through SeraModel, which hands them "
+            "over for each forward."
+        )
+    return scope
+
+
+def checkpoint_with_words(checkpoint_function):
+    """Wrap a vision block's gradient-checkpointing function (`checkpoint(function, *args)`) so that the words and
+    their mask are inputs of the checkpoint, and the router weights recorded inside come back as its outputs."""
+    if getattr(checkpoint_function, "passes_sera_words", None) is True:  # `is`: a Mock would answer anything
+        return checkpoint_function
+
+    def checkpoint_block(function, *args):
+        scope = current_vision_scope()
+        context = scope.context
+        recorded: list[int] = []
+
+        def block_with_words(*inputs):
+            *block_inputs, word_states, word_mask = inputs
+            with sera_vision_scope(replace(context, word_states=word_states, word_mask=word_mask)) as inner:
+                output = function(*block_inputs)
+            recorded[:] = inner.router_weights.keys()
+            return (output, *inner.router_weights.values())
+
+        output, *router_weights = checkpoint_function(block_with_words, *args, context.word_states, context.word_mask)
+        scope.router_weights.update(zip(recorded, router_weights))
+        return output
+
+    checkpoint_block.passes_sera_words = True
+    return checkpoint_block
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, groups: int = 1) -> nn.Sequential:
@@ -144,6 +211,7 @@ class SeraAdapter(nn.Module):
 
         tokens = corrected.flatten(2).transpose(1, 2)
         word_mask = context.word_mask if self.mask_padding else None
+        # [ours]: a residual around the word attention (the design's step 5 gives none; DETRIS's adapter has none).
         tokens = tokens + self.word_attention(tokens, context.word_states.to(tokens.dtype), key_padding_mask=word_mask)
         # Re-attach the special tokens (they skip the grid path) and add the x0 skip over the whole sequence.
         adapted = torch.cat((special, tokens), dim=1) + x0
@@ -153,29 +221,20 @@ class SeraAdapter(nn.Module):
 class SeraAdaptedMLP(nn.Module):
     """Takes the place of a vision block's `mlp`: `base_layer(x) + scale * adapter(x, words)`.
 
-    The block calls `mlp(norm2(x))`, so `x` here is already the normalised input the design asks for.
+    The block calls `mlp(norm2(x))`, so `x` here is already the normalised input the design asks for. The words come
+    from the current `sera_vision_scope`, where the router weights go too.
     """
+
+    reads_sera_words = True
 
     def __init__(self, base_layer: nn.Module, adapter: SeraAdapter, scale: float):
         super().__init__()
         self.base_layer = base_layer
         self.sera_adapter = adapter
         self.scale = scale
-        self.context: SeraVisionContext | None = None
-        self.router_weights: torch.Tensor | None = None
-
-    def set_vision_context(self, context: SeraVisionContext | None) -> None:
-        # Kept until the next forward: gradient checkpointing replays this module during the backward pass.
-        self.context = context
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.context is None:
-            raise RuntimeError(
-                "SERA-Adapter called without word features: run the vision tower through SeraModel, which sets "
-                "them with set_vision_context() before each forward."
-            )
-        adapter_output, router_weights = self.sera_adapter(hidden_states, self.context)
-        # Detached: kept for inspection only. A live tensor here would keep the autograd graph of the replayed
-        # forward (and every activation it saved) alive until the next step under activation checkpointing.
-        self.router_weights = router_weights.detach()
+        scope = current_vision_scope()
+        adapter_output, router_weights = self.sera_adapter(hidden_states, scope.context)
+        scope.router_weights[id(self)] = router_weights
         return self.base_layer(hidden_states) + self.scale * adapter_output

@@ -134,6 +134,7 @@ class SeraFusion(nn.Module):
         context_num_heads: int,
         context_mlp_ratio: float,
         sentence_dim: int = 0,
+        router_noise_mode: str = "always",
     ):
         super().__init__()
         self.router = SeraNoisyTopKRouter(
@@ -143,6 +144,7 @@ class SeraFusion(nn.Module):
             top_k=top_k,
             noise_std=router_noise_std,
             condition_dim=sentence_dim,
+            noise_mode=router_noise_mode,
         )
         self.experts = nn.ModuleDict(
             {
@@ -162,6 +164,7 @@ class SeraFusion(nn.Module):
             router_hidden_size=settings.fusion_router_hidden_size,
             top_k=settings.fusion_top_k,
             router_noise_std=settings.fusion_router_noise_std,
+            router_noise_mode=settings.fusion_router_noise,
             spatial_init=settings.fusion_spatial_init,
             context_num_heads=settings.fusion_context_num_heads,
             context_mlp_ratio=settings.fusion_context_mlp_ratio,

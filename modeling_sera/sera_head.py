@@ -23,8 +23,9 @@ class SeraNeck(nn.Module):
 
     Per level: a 1x1 projection to the multimodal width, multiplied channel-wise by a gate computed from the sentence
     feature *[ours: the paper's "gating by cross-attention to the sentence" has a single key, which reduces to such a
-    gate]*, then BN + ReLU. The levels are concatenated, aggregated by a 1x1 conv, and a coordinate-conv residual
-    (3x3 conv over the grid and its x/y maps) adds explicit geometry.
+    gate]*, then BN + ReLU *[ours: the gate comes before BN + ReLU; DETRIS normalises first]*. The levels are
+    concatenated, aggregated by a 1x1 conv, and a coordinate-conv residual (3x3 conv over the grid and its x/y maps)
+    adds explicit geometry *[ours: one CoordConv; DETRIS stacks two]*.
     """
 
     def __init__(self, level_channels: list[int], sentence_dim: int, hidden_size: int):
@@ -48,7 +49,11 @@ class SeraNeck(nn.Module):
 
 
 class SeraDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm layer: self-attention over the grid, cross-attention to the words, FFN."""
+    """Pre-norm layer: self-attention over the grid, cross-attention to the words, FFN.
+
+    *[ours]*: pre-norm residual blocks (a LayerNorm before each sub-layer, one after the stack); DETRIS's decoder
+    also normalises after each attention, which this layer does not.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float):
         super().__init__()

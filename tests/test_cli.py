@@ -1,15 +1,21 @@
-"""sera-predict: the mask and overlay it writes, and a one-line error for each kind of bad input."""
+"""sera-predict: the mask and overlay it writes, from a folder or a Hub repo id (at a revision), and a one-line error
+for each kind of bad input."""
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tomllib
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
+from huggingface_hub import HfApi
 from PIL import Image, ImageDraw
 
 from modeling_sera import ReferringImageSegmentationPipeline, SeraConfig, SeraForReferringSegmentation, SeraProcessor
@@ -167,3 +173,145 @@ def test_bad_input_is_one_line_that_says_what_to_do(case, message, model_folder,
 def test_console_script_is_declared():
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["sera-predict"] == "modeling_sera.cli:main"
+
+
+def test_an_image_smaller_than_2x2_is_one_line_at_its_cause(model_folder, tmp_path):
+    # The image processor needs 2 pixels a side; the command says so before loading anything.
+    for size in ((1, 1), (1, 40)):
+        path = tmp_path / f"tiny_{size[0]}x{size[1]}.png"
+        Image.new("RGB", size, (200, 0, 0)).save(path)
+        with pytest.raises(SystemExit) as raised:
+            main([str(path), "the red dot", "--model", str(model_folder), "--device", "cpu"])
+        error = raised.value.code
+        assert error == (
+            f"sera-predict: error: {path} is {size[0]}x{size[1]} pixels: SERA needs at least 2 pixels on each side. "
+            "Pass a larger image."
+        )
+    # 2x2 is enough: a mask of that size comes back.
+    path = tmp_path / "two.png"
+    Image.new("RGB", (2, 2), (200, 0, 0)).save(path)
+    assert (
+        main([str(path), "the red dot", "--model", str(model_folder), "--out", str(tmp_path / "two.png.mask.png")])
+        == 0
+    )
+    assert Image.open(tmp_path / "two.png.mask.png").size == (2, 2)
+
+
+# ---- Hub repo ids, through a local stand-in for the Hub (tests/hub_server.py) ----
+
+REPO_ID = "sera-test/sera-cli"
+URL_TEMPLATE_PATH = "/{repo_id}/resolve/{revision}/{filename}"
+
+
+@contextlib.contextmanager
+def hub_client(hub, cache_dir):
+    """Point this process's huggingface_hub (and so transformers) at the test Hub, with an empty cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        # huggingface_hub read these at import; the download URL template is built from the endpoint then too.
+        patch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        patch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + URL_TEMPLATE_PATH)
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        patch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache_dir))
+        patch.setenv("HF_TOKEN", hub.token)
+        yield
+
+
+@pytest.fixture(scope="module")
+def hub_repo(tmp_path_factory):
+    """A repo with two commits of different random weights: (hub, [first commit id, second commit id], cache)."""
+    from hub_server import HubServer
+
+    root = tmp_path_factory.mktemp("cli_hub")
+    with HubServer(token="hf_test_token") as hub:
+        commits = []
+        with hub_client(hub, root / "hf_cache"):
+            api = HfApi(endpoint=hub.url, token=hub.token)
+            api.create_repo(REPO_ID)
+            for seed in (0, 1):
+                torch.manual_seed(seed)
+                folder = root / f"seed{seed}"
+                model = SeraForReferringSegmentation(SeraConfig.from_pretrained(TINY_HUB_CONFIG)).eval()
+                model.save_pretrained(folder)
+                SeraProcessor.from_pretrained(TINY_HUB_CONFIG).save_pretrained(folder)
+                commits.append(api.upload_folder(repo_id=REPO_ID, folder_path=folder).oid)
+        yield hub, commits, root / "hf_cache"
+
+
+def test_a_hub_repo_id_and_revision_load_like_pipeline(hub_repo, image_path, tmp_path, capsys):
+    from transformers import pipeline
+
+    hub, commits, cache = hub_repo
+    masks = {}
+    with hub_client(hub, cache):
+        for revision in (commits[0], None):
+            out = tmp_path / f"{revision or 'main'}.png"
+            argv = [str(image_path), "the red circle", "--model", REPO_ID, "--out", str(out), "--device", "cpu"]
+            assert main(argv + (["--revision", revision] if revision else [])) == 0
+            printed = capsys.readouterr().out
+            expected = pipeline(
+                "referring-image-segmentation", model=REPO_ID, revision=revision, trust_remote_code=True, device="cpu"
+            )(Image.open(image_path), "the red circle")
+            np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected["mask"]))
+            assert f"(score {expected['score']:.3f})" in printed
+            masks[revision] = expected
+    # The revision matters: the two commits hold different weights.
+    assert masks[commits[0]]["score"] != masks[None]["score"]
+    assert any(path.startswith(f"/{REPO_ID}/resolve/{commits[0]}/") for _, path in hub.requests)
+    assert not hub.unserved, hub.unserved
+
+
+@pytest.mark.parametrize(
+    "model, revision, message",
+    [
+        ("sera-test/no-such-model", None, "cannot load sera-test/no-such-model: it is not a local folder"),
+        (REPO_ID, "0" * 40, f"cannot load {REPO_ID} at revision {'0' * 40}: it is not a local folder"),
+        ("no/such/folder", None, "model folder not found: no/such/folder. Pass a folder"),
+    ],
+)
+def test_a_wrong_repo_id_or_revision_is_one_line(hub_repo, image_path, model, revision, message):
+    hub, _, cache = hub_repo
+    argv = [str(image_path), "x", "--model", model, "--device", "cpu"] + (["--revision", revision] if revision else [])
+    with hub_client(hub, cache), pytest.raises(SystemExit) as raised:
+        main(argv)
+    error = raised.value.code
+    assert error.startswith(f"sera-predict: error: {message}") and "\n" not in error, error
+
+
+def test_revision_with_a_local_folder_is_refused(model_folder, image_path):
+    with pytest.raises(SystemExit, match="--revision v1 is for a Hub repo id, but .* is a local folder"):
+        main([str(image_path), "x", "--model", str(model_folder), "--revision", "v1"])
+
+
+def test_evaluate_py_takes_a_hub_repo_id_and_revision(hub_repo, tmp_path):
+    # training/evaluate.py loads through the same function: the scores of the first commit are those of its weights.
+    import datasets
+    from evaluation import evaluate_referring_segmentation
+    from evaluation import main as evaluate_main
+    from synthetic_data import SynthRefConfig, write_dataset
+
+    hub, commits, cache = hub_repo
+    write_dataset(SynthRefConfig(seed=5, num_images=(("train", 1), ("test", 1))), tmp_path / "data")
+    torch.manual_seed(0)  # the weights of the first commit
+    model = SeraForReferringSegmentation(SeraConfig.from_pretrained(TINY_HUB_CONFIG)).eval()
+    expected = evaluate_referring_segmentation(
+        model,
+        SeraProcessor.from_pretrained(TINY_HUB_CONFIG),
+        datasets.load_from_disk(str(tmp_path / "data"))["test"],
+        show_progress=False,
+    )
+    output = tmp_path / "results.json"
+    argv = ["--model", REPO_ID, "--revision", commits[0], "--data", str(tmp_path / "data"), "--split", "test"]
+    with hub_client(hub, cache):
+        assert evaluate_main(argv + ["--output", str(output), "--device", "cpu", "--no-progress"]) == 0
+    report = json.loads(output.read_text())
+    assert report["model"] == REPO_ID and report["revision"] == commits[0]
+    assert report["splits"]["test"]["mIoU"] == pytest.approx(expected["mIoU"])
+
+
+def test_the_package_never_imports_gradio():
+    code = "import sys, modeling_sera, modeling_sera.cli; assert 'gradio' not in sys.modules, 'gradio imported'"
+    completed = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]

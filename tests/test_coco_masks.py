@@ -83,10 +83,10 @@ def test_compressed_run_reader_agrees_with_pycocotools():
     [
         [[1, 1, 5, 5]],  # two points: pycocotools would read these four numbers as a bounding box
         [[3, 3]],
-        [rectangle_polygon(0, 0, 4, 4), [6, 6, 9, 9]],  # one good part does not excuse a broken one
+        [[3, 3], [1, 1, 5, 5]],  # every part degenerate
     ],
 )
-def test_polygon_with_fewer_than_three_points_raises_its_own_error(polygons):
+def test_an_object_whose_every_polygon_has_fewer_than_three_points_raises_its_own_error(polygons):
     with pytest.raises(DegeneratePolygonError, match="at least 3 points"):
         decode_segmentation(polygons, HEIGHT, WIDTH)
     assert issubclass(DegeneratePolygonError, MaskDecodeError)
@@ -96,7 +96,10 @@ def test_polygon_with_fewer_than_three_points_raises_its_own_error(polygons):
     "segmentation, message",
     [
         ([], "no polygon"),
-        ([1, 2, 3, 4, 5, 6], "flat list"),
+        ([1, 2, 3, 4, 5, 6], "got a flat list of 6 numbers"),
+        ([{"size": [HEIGHT, WIDTH], "counts": [HEIGHT * WIDTH]}, [1, 2, 3, 4, 5, 6]], "mixing RLE dicts with list"),
+        (["abc", "def"], "got a list holding str"),
+        ([{"size": [HEIGHT, WIDTH], "counts": [5, 3]}], "cover 8 pixels"),  # a list of RLEs: each is checked
         ([[1, 2, 3, 4, 5, 6, 7]], "odd number"),
         ([[1, 2, 3, float("nan"), 5, 6]], "non-finite"),
         ([["a", "b", "c", "d", "e", "f"]], "not numbers"),
@@ -115,6 +118,26 @@ def test_malformed_segmentations_raise_mask_decode_error(segmentation, message):
     with pytest.raises(MaskDecodeError, match=message) as error:
         decode_segmentation(segmentation, HEIGHT, WIDTH)
     assert not isinstance(error.value, DegeneratePolygonError)
+
+
+@pytest.mark.parametrize("degenerate", [[6, 6, 9, 9], [3, 3], []])
+def test_a_degenerate_part_next_to_valid_parts_is_dropped_and_the_object_kept(degenerate):
+    polygons = [rectangle_polygon(0, 0, 4, 4), degenerate, rectangle_polygon(10, 5, 14, 9)]
+    mask = decode_segmentation(polygons, HEIGHT, WIDTH)
+    np.testing.assert_array_equal(mask, rectangles_mask(HEIGHT, WIDTH, (0, 0, 4, 4), (10, 5, 14, 9)))
+
+
+def test_a_list_of_compressed_rles_is_decoded_and_merged_like_refer_py_does():
+    """refclef's form: a list holding RLE dicts whose counts are COCO's compressed strings."""
+    first, second = rectangle_mask(1, 2, 6, 8), rectangle_mask(9, 0, 12, 3)
+    encoded = [mask_utils.encode(np.asfortranarray(part.astype(np.uint8))) for part in (first, second)]
+    for counts_type in (str, bytes):
+        segmentation = [
+            {"size": rle["size"], "counts": rle["counts"].decode() if counts_type is str else rle["counts"]}
+            for rle in encoded
+        ]
+        np.testing.assert_array_equal(decode_segmentation(segmentation, HEIGHT, WIDTH), first | second)
+        np.testing.assert_array_equal(decode_segmentation(segmentation[:1], HEIGHT, WIDTH), first)
 
 
 def test_mask_to_image_is_mode_l_with_0_and_255_at_mask_size():

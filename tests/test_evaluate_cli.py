@@ -266,7 +266,9 @@ def test_main_prints_table_writes_json_and_fills_card(tmp_path, monkeypatch, cap
         requested.append((source, split))
         return build_dataset()
 
-    monkeypatch.setattr(evaluation, "load_model_and_processor", lambda path: (RedChannelModel(), PaddingProcessor()))
+    monkeypatch.setattr(
+        evaluation, "load_model_and_processor", lambda path, revision=None: (RedChannelModel(), PaddingProcessor())
+    )
     monkeypatch.setattr(evaluation, "load_examples", fake_load_examples)
     output, card = tmp_path / "results.json", tmp_path / "README.md"
     argv = ["--model", str(model_dir), "--data", "synthref", "--split", "val", "--split", "test", "--split", "val"]
@@ -295,7 +297,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         evaluation.parse_args(["--model", str(tmp_path), "--data", "not-a-source", "--split", "val"])
     assert "Unknown data source 'not-a-source'" in capsys.readouterr().err
 
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ValueError, match="no config.json"):
         evaluation.load_model_and_processor(tmp_path)
 
 
@@ -307,3 +309,33 @@ def test_import_evaluate_gets_the_library_even_with_training_on_sys_path():
     )
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_an_unknown_split_is_one_line_that_lists_the_splits(tmp_path, monkeypatch):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    datasets.DatasetDict({"val": build_dataset(), "testA": build_dataset()}).save_to_disk(str(tmp_path / "data"))
+    loaded = []
+    monkeypatch.setattr(evaluation, "load_model_and_processor", lambda *args, **kwargs: loaded.append(args))
+    argv = ["--model", str(model_dir), "--data", str(tmp_path / "data"), "--split", "val", "--split", "tesA"]
+    with pytest.raises(SystemExit) as raised:
+        evaluation.main(argv)
+    error = raised.value.code
+    assert error == (
+        f"training/evaluate.py: error: --split tesA: {tmp_path / 'data'} has no split 'tesA'; "
+        "its splits are: val, testA."
+    )
+    assert not loaded  # the splits are checked before the model is loaded
+
+
+def test_evaluate_py_reports_a_bad_model_in_one_line(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    datasets.DatasetDict({"val": build_dataset()}).save_to_disk(str(tmp_path / "data"))
+    with pytest.raises(SystemExit) as raised:
+        evaluation.main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--split", "val"])
+    assert raised.value.code.startswith("training/evaluate.py: error: ") and "has no config.json" in raised.value.code
+    with pytest.raises(SystemExit):
+        evaluation.parse_args(
+            ["--model", str(tmp_path / "model"), "--revision", "v1", "--data", "synthref", "--split", "x"]
+        )
+    assert "--revision v1 is for a Hub repo id" in capsys.readouterr().err

@@ -276,7 +276,9 @@ def test_post_processing_puts_rectangle_back_in_place(processor, height, width, 
     drawn_rows = slice(row_start // downsample, row_stop // downsample)
     drawn_cols = slice(col_start // downsample, col_stop // downsample)
     logits[..., drawn_rows, drawn_cols] = 10
-    (result,) = processor.post_process_referring_segmentation({"logits": logits}, [(height, width)])
+    # At 0.5 the edge sits where it was drawn whether the sigmoid comes before or after the resizing (between
+    # -10 and +10 both cross it half way); at 0.35 resized probabilities cross it earlier, by up to 0.15 of a cell.
+    (result,) = processor.post_process_referring_segmentation({"logits": logits}, [(height, width)], threshold=0.5)
 
     mask = result["mask"]
     assert mask.shape == (height, width) and mask.dtype == torch.bool
@@ -306,7 +308,9 @@ def test_post_processing_never_leaks_padding(processor, height, width, downsampl
     logits = torch.where(rows_in_content[:, None] & cols_in_content[None, :], -10.0, 10.0)[None, None]
     assert (logits > 0).any()
 
-    (result,) = processor.post_process_referring_segmentation({"logits": logits}, torch.tensor([[height, width]]))
+    (result,) = processor.post_process_referring_segmentation(
+        {"logits": logits}, torch.tensor([[height, width]]), threshold=0.5
+    )  # 0.5: see test_post_processing_puts_rectangle_back_in_place
     assert not result["mask"].any()
     if downsample == 1:
         # at input resolution the crop is exact; at 1/4 only the bilinear blur of the border cells reaches in

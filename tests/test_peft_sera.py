@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 from conftest import REPO_ROOT, tiny_batch, tiny_sera_config
+from cross_process import ASSERT_LOGITS_CLOSE
 from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from safetensors import safe_open
@@ -273,7 +274,8 @@ def test_adapter_round_trip_in_a_fresh_process_right_after_importing_the_package
         assert not any(param.requires_grad for param in model.parameters())
         with torch.no_grad():
             logits = model(**expected["batch"]).logits
-        assert torch.equal(logits, expected["reference"]), (logits - expected["reference"]).abs().max()
+        reference = expected["reference"]
+        {ASSERT_LOGITS_CLOSE}  # fp32 bounds: see tests/cross_process.py
         print("ADAPTER-OK")
         """,
         tmp_path,
@@ -322,7 +324,8 @@ def test_merge_and_unload_gives_a_plain_sera_model_that_loads_as_remote_code(tmp
         assert model.config.adapter_layers == [0, 2] and model.config.fusion_levels == [1, 2]
         with torch.no_grad():
             logits = model(**expected["batch"]).logits
-        assert torch.equal(logits, expected["reference"]), (logits - expected["reference"]).abs().max()
+        reference = expected["reference"]
+        {ASSERT_LOGITS_CLOSE}  # fp32 bounds: see tests/cross_process.py
         assert not any(name.startswith(("modeling_sera", "peft")) for name in sys.modules), "needed the package"
         print("MERGED-OK")
         """,

@@ -244,9 +244,59 @@ def test_unknown_split_lists_the_splits_present(refer_root, cache_dir):
         load_refer_dataset(refer_root, split="test", cache_dir=cache_dir)
 
 
-def test_unknown_dataset_is_refused(refer_root):
-    with pytest.raises(ValueError, match="refclef"):
+def test_a_dataset_folder_that_is_not_there_names_the_folders_that_are(refer_root):
+    message = "dataset folder not found: .*refclef.*folders with refs files there are: refcoco"
+    with pytest.raises(FileNotFoundError, match=message):
         load_refer_dataset(refer_root, dataset="refclef")
+
+
+def write_refclef_root(root: Path, dataset: str):
+    """A REFER folder in RefCLEF's form: saiapr_tc-12 images, segmentations as lists of compressed-RLE dicts, and
+    sentences written by Python 2 as UTF-8 byte strings (non-ASCII text)."""
+    images = root / "images" / "saiapr_tc-12" / "25" / "images"
+    images.mkdir(parents=True)
+    save_image(images / "25000.jpg", np.full((20, 30, 3), 128, dtype=np.uint8), "JPEG")
+    first, second = rectangle_mask(20, 30, (2, 3, 9, 12)), rectangle_mask(20, 30, (20, 10, 28, 18))
+    rles = [mask_utils.encode(np.asfortranarray(part.astype(np.uint8))) for part in (first, second)]
+    segmentation = [{"size": rle["size"], "counts": rle["counts"].decode("ascii")} for rle in rles]
+    instances = {
+        "images": [{"id": 25000, "file_name": "25/images/25000.jpg", "height": 20, "width": 30}],
+        "annotations": [
+            {"id": 1, "image_id": 25000, "category_id": 1, "segmentation": segmentation, "iscrowd": 0},
+            # One degenerate part (2 points) next to a valid one: only the bad part goes.
+            {
+                "id": 2,
+                "image_id": 25000,
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentation": [[1, 1, 4, 4], rectangle_polygon(12, 2, 18, 8)],
+            },
+        ],
+    }
+    # What a Python 2 pickle of UTF-8 byte strings looks like once loaded with encoding="latin1".
+    mojibake = "café car".encode().decode("latin-1")
+    assert mojibake == "cafÃ© car"
+    refs = [ref(1, 1, 25000, "test", mojibake, "both boxes"), ref(2, 2, 25000, "test", "the small box ☃")]
+    (root / dataset).mkdir()
+    (root / dataset / "instances.json").write_text(json.dumps(instances))
+    (root / dataset / "refs(berkeley).p").write_bytes(pickle.dumps(refs, protocol=2))
+    return first | second, rectangle_mask(20, 30, (12, 2, 18, 8))
+
+
+@pytest.mark.parametrize("dataset", ["refclef", "my-referring-data"])
+def test_refclef_and_other_folder_names_load_with_rle_lists_degenerate_parts_and_python2_text(
+    dataset, tmp_path, cache_dir
+):
+    both, small = write_refclef_root(tmp_path, dataset)
+    image_dir = None if dataset == "refclef" else tmp_path / "images" / "saiapr_tc-12"  # refclef's is the default
+    examples, skipped = load_refer_dataset(
+        tmp_path, dataset, "berkeley", "test", image_dir=image_dir, cache_dir=cache_dir, return_skipped=True
+    )
+    assert not skipped.counts, dict(skipped.counts)
+    assert examples["source"] == [f"{dataset}(berkeley)"] * 3
+    assert examples["expression"] == ["café car", "both boxes", "the small box ☃"]
+    for example, expected in zip(examples, (both, both, small)):
+        np.testing.assert_array_equal(np.asarray(example["mask"]) == 255, expected)
 
 
 def test_missing_refs_file_names_the_path_and_the_layout(refer_root):
@@ -298,3 +348,35 @@ def test_a_refs_file_that_runs_code_is_refused(refer_root, tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="system"):
         load_refer_dataset(root, image_dir=refer_root / "images" / "mscoco" / "images" / "train2014")
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    "refs_bytes, instances_text, message",
+    [
+        (pickle.dumps([{"ref_id": 1}], protocol=2)[:9], "{}", r"refs\(unc\)\.p is not a readable REFER refs pickle"),
+        (b"[1, 2, 3]", "{}", r"refs\(unc\)\.p is not a readable REFER refs pickle"),
+        (None, '{"images": [{"id": 1, "file_na', "instances.json is not valid JSON"),
+        (None, "[]", "should hold a COCO object .* found a list"),
+        (
+            None,
+            '{"images": [], "annotations": {"id": 7}}',
+            "'annotations' should be a list of objects with an 'id', found dict",
+        ),
+        (
+            None,
+            '{"images": [], "annotations": [{"image_id": 1}]}',
+            "'annotations' should be a list of objects with an 'id'",
+        ),
+        (None, '{"images": [], "annotations": [{"id": 7}, {"id": 7}]}', r"'annotations' has duplicate ids \['7'\]"),
+    ],
+)
+def test_damaged_annotation_files_are_one_clear_error_that_names_the_file(
+    refs_bytes, instances_text, message, tmp_path
+):
+    (tmp_path / "refcoco").mkdir()
+    refs = pickle.dumps([ref(1, 7, 1, "val", "the box")], protocol=2) if refs_bytes is None else refs_bytes
+    (tmp_path / "refcoco" / "refs(unc).p").write_bytes(refs)
+    (tmp_path / "refcoco" / "instances.json").write_text(instances_text)
+    with pytest.raises(ValueError, match=message) as error:
+        load_refer_dataset(tmp_path, image_dir=tmp_path)
+    assert "\n" not in str(error.value)

@@ -430,3 +430,24 @@ def test_cpu_runs_use_the_cores_they_share(monkeypatch):
     assert train.cpu_threads_per_process(OneProcess()) == 1
     args = train.parse_args(["--config_name", str(TINY_CONFIG), "--cpu_threads", "3"])
     assert args.cpu_threads == 3 and "cpu_threads" not in train.recipe_of(args)
+
+
+def test_eval_results_and_card_name_the_dataset_not_its_local_path(tmp_path, cache_dir):
+    """train.py once wrote the raw --dataset string (a local path) into eval_results.json, which push.py and the
+    model card read as the dataset's name."""
+    from synthetic_data import SynthRefConfig, write_dataset
+
+    folder = tmp_path / "my-referring-data"
+    write_dataset(SynthRefConfig(num_images=(("train", 2), ("validation", 1), ("test", 1))), folder)
+    output_dir = tmp_path / "run"
+    options = (
+        f"--dataset {folder} --test_splits test --max_train_steps 1 --per_device_train_batch_size 2 "
+        "--eval_steps none --checkpointing_steps none --max_eval_samples 2"
+    )
+    result = launch(options, output_dir, cache_dir)
+    check_ok(result)
+    report = json.loads((output_dir / "eval_results.json").read_text())
+    assert report["data"] == "my-referring-data"
+    card = (output_dir / "README.md").read_text()
+    assert str(tmp_path) not in card
+    assert "my-referring-data" in card

@@ -4,7 +4,13 @@ COCO stores an object's shape in one of three ways:
 
 - polygons: ``[[x1, y1, x2, y2, ...], ...]``, one list per visible part of the object; the parts are merged;
 - uncompressed RLE: ``{"size": [height, width], "counts": [run, run, ...]}``, used for crowd regions (``iscrowd=1``);
-- compressed RLE: the same with ``counts`` as COCO's compact string (``str`` or ``bytes``).
+- compressed RLE: the same with ``counts`` as COCO's compact string (``str`` or ``bytes``);
+- a list of RLE dicts, one per part (the form REFER's ``refclef`` annotations use, which ``refer.py`` decodes and
+  merges); the parts are merged.
+
+A polygon part with fewer than 3 points encloses no area: it is dropped, and the object keeps its other parts (COCO
+has such annotations; dropping the whole object would drop every expression that refers to it). Only an object
+whose every part is degenerate raises :class:`DegeneratePolygonError`.
 
 Runs are column-major and start with background, as pycocotools expects. Polygon vertices are in pixel-edge
 coordinates: the square with corners ``(x0, y0)`` and ``(x1, y1)`` covers columns ``x0 .. x1 - 1`` and rows
@@ -27,21 +33,28 @@ class MaskDecodeError(ValueError):
 
 
 class DegeneratePolygonError(MaskDecodeError):
-    """A polygon has fewer than 3 points, so it encloses no area (real RefCOCO data has a few of these)."""
+    """Every polygon of the object has fewer than 3 points, so it encloses no area (real RefCOCO data has a few)."""
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
     """Decode a COCO polygon list or RLE into a boolean ``(height, width)`` mask.
 
     Raises:
-        DegeneratePolygonError: a polygon has fewer than 3 points.
-        MaskDecodeError: any other malformed segmentation (wrong type, odd coordinate count, RLE of another size...).
+        DegeneratePolygonError: every polygon has fewer than 3 points (degenerate parts next to valid ones are
+            dropped).
+        MaskDecodeError: any other malformed segmentation (wrong type, odd coordinate count, RLE of another size...);
+            the message says what the segmentation holds.
     """
     if isinstance(segmentation, dict):
         return _decode_rle(segmentation, height, width)
+    if isinstance(segmentation, (list, tuple)) and segmentation and all(isinstance(p, dict) for p in segmentation):
+        return np.logical_or.reduce([_decode_rle(part, height, width) for part in segmentation])
     if isinstance(segmentation, (list, tuple, np.ndarray)):
         return _decode_polygons(segmentation, height, width)
-    raise MaskDecodeError(f"unsupported segmentation of type {type(segmentation).__name__}")
+    raise MaskDecodeError(
+        f"unsupported segmentation of type {type(segmentation).__name__}: expected polygons "
+        "[[x1, y1, x2, y2, ...], ...], an RLE dict {'size', 'counts'} or a list of RLE dicts"
+    )
 
 
 def mask_to_image(mask: np.ndarray) -> Image.Image:
@@ -52,10 +65,12 @@ def mask_to_image(mask: np.ndarray) -> Image.Image:
 def _decode_polygons(polygons, height: int, width: int) -> np.ndarray:
     if len(polygons) == 0:
         raise MaskDecodeError("the segmentation has no polygon")
-    parts = []
+    if not all(isinstance(polygon, (list, tuple, np.ndarray)) for polygon in polygons):
+        raise MaskDecodeError(
+            "expected a list of polygons [[x1, y1, x2, y2, ...], ...] or of RLE dicts, got " + _describe(polygons)
+        )
+    parts, degenerate = [], []
     for polygon in polygons:
-        if not isinstance(polygon, (list, tuple, np.ndarray)):
-            raise MaskDecodeError("expected a list of polygons [[x1, y1, x2, y2, ...], ...], got a flat list")
         try:
             coordinates = np.asarray(polygon, dtype=np.float64)
         except (TypeError, ValueError) as error:
@@ -63,17 +78,30 @@ def _decode_polygons(polygons, height: int, width: int) -> np.ndarray:
         if coordinates.ndim != 1:
             raise MaskDecodeError("a polygon must be a flat list [x1, y1, x2, y2, ...]")
         if coordinates.size < 6:
-            raise DegeneratePolygonError(
-                f"a polygon has {coordinates.size} coordinates ({coordinates.size // 2} points); at least 3 points "
-                "are needed"
-            )
+            degenerate.append(coordinates.size)  # encloses nothing: dropped, the other parts stay
+            continue
         if coordinates.size % 2:
             raise MaskDecodeError(f"a polygon has an odd number of coordinates ({coordinates.size})")
         if not np.isfinite(coordinates).all():
             raise MaskDecodeError("a polygon has a non-finite coordinate")
         parts.append(coordinates.tolist())
+    if not parts:
+        sizes = ", ".join(f"{size} coordinates" for size in degenerate)
+        raise DegeneratePolygonError(
+            f"every polygon of the object has fewer than 3 points ({sizes}); at least 3 points are needed"
+        )
     rles = mask_utils.frPyObjects(parts, height, width)
     return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+
+
+def _describe(items) -> str:
+    """What a segmentation list holds, in words, for error messages."""
+    kinds = sorted({type(item).__name__ for item in items})
+    if all(isinstance(item, (int, float, np.number)) and not isinstance(item, bool) for item in items):
+        return f"a flat list of {len(items)} numbers (one polygon needs its own brackets: [[x1, y1, ...]])"
+    if "dict" in kinds:
+        return f"a list mixing RLE dicts with {', '.join(kind for kind in kinds if kind != 'dict')}"
+    return f"a list holding {', '.join(kinds)}"
 
 
 def _decode_rle(rle: dict, height: int, width: int) -> np.ndarray:

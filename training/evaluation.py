@@ -32,6 +32,7 @@ MODEL_INPUT_NAMES = ("pixel_values", "input_ids", "attention_mask")
 TABLE_COLUMNS = ("oIoU", "mIoU", "Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9")
 RESULTS_START = "<!-- results start: {name} -->"
 RESULTS_END = "<!-- results end: {name} -->"
+PROG = "training/evaluate.py"
 
 
 def resolve_device(device: Optional[Union[str, torch.device]], model: torch.nn.Module) -> torch.device:
@@ -45,8 +46,14 @@ def resolve_device(device: Optional[Union[str, torch.device]], model: torch.nn.M
 
 
 def evaluate_referring_segmentation(
-    model, processor, dataset, batch_size: int = 8, device=None, show_progress: bool = True
-) -> dict:
+    model,
+    processor,
+    dataset,
+    batch_size: int = 8,
+    device=None,
+    show_progress: bool = True,
+    record_samples: bool = False,
+):
     """Score ``model`` on every example of ``dataset`` (one split) and return the metric's results.
 
     Args:
@@ -59,11 +66,14 @@ def evaluate_referring_segmentation(
         batch_size: expressions per forward pass.
         device: ``None`` (keep the model where it is), ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         show_progress: show a tqdm progress bar.
+        record_samples: also return one record per example, in dataset order: ``{"index", "iou", "category"}``
+            (IoU as a fraction; 1 when prediction and reference are both empty, as the metric counts it), which
+            ``gallery.py`` picks its examples from.
 
     Returns:
         The metric's dict (see ``metrics/referring_segmentation/README.md``): ``oIoU``, ``mIoU``, ``Prec@0.5`` ...
         ``Prec@0.9``, ``boundary_F`` (percentages), ``num_samples`` and, when some example has a non-empty
-        ``category``, ``per_category``.
+        ``category``, ``per_category``. With ``record_samples``, the pair ``(results, records)``.
     """
     device = resolve_device(device, model)
     model.to(device)
@@ -76,6 +86,7 @@ def evaluate_referring_segmentation(
     batches = tqdm(
         dataset.iter(batch_size=batch_size), total=total, disable=not show_progress, desc="Evaluating", unit="batch"
     )
+    records = []
     with torch.inference_mode():
         for rows in batches:
             # Some COCO images are greyscale; the processor expects RGB.
@@ -86,12 +97,24 @@ def evaluate_referring_segmentation(
                 model_inputs["pixel_values"] = model_inputs["pixel_values"].to(model_dtype)
             outputs = model(**model_inputs)
             predictions = processor.post_process_referring_segmentation(outputs, target_sizes=inputs["original_sizes"])
-            metric.add_batch(
-                predictions=[_to_numpy(prediction["mask"]) for prediction in predictions],
-                references=[np.asarray(mask) for mask in rows["mask"]],
-                categories=rows.get("category"),
-            )
-    return metric.compute()
+            predicted = [_to_numpy(prediction["mask"]) for prediction in predictions]
+            references = [np.asarray(mask) for mask in rows["mask"]]
+            metric.add_batch(predictions=predicted, references=references, categories=rows.get("category"))
+            if record_samples:
+                categories = rows.get("category") or [""] * len(predicted)
+                for prediction, reference, category in zip(predicted, references, categories):
+                    records.append(
+                        {"index": len(records), "iou": mask_iou(prediction, reference), "category": category}
+                    )
+    results = metric.compute()
+    return (results, records) if record_samples else results
+
+
+def mask_iou(prediction, reference) -> float:
+    """Intersection over union of two masks (nonzero = foreground); 1.0 when both are empty, as the metric counts."""
+    prediction, reference = np.asarray(prediction) > 0, np.asarray(reference) > 0
+    union = np.logical_or(prediction, reference).sum()
+    return float(np.logical_and(prediction, reference).sum() / union) if union else 1.0
 
 
 def _to_numpy(mask) -> np.ndarray:
@@ -169,28 +192,23 @@ def update_model_card(card_path: Union[str, Path], results_by_split: dict, data_
     card_path.write_text(card, encoding="utf-8")
 
 
-def load_model_and_processor(model_path: Union[str, Path]):
-    """Load a saved model and its processor with their remote code, with a clear error for a wrong path."""
-    from transformers import AutoModel, AutoProcessor
+def load_model_and_processor(model_path: Union[str, Path], revision: Optional[str] = None):
+    """Load a saved SERA folder or Hub repo id (at ``revision``) and its processor, the way ``sera-predict`` and
+    ``pipeline(...)`` do (``modeling_sera.cli.load_segmenter``). Raises ``ModelSourceError`` (a ``ValueError``) with
+    a one-line message for a wrong path, id or revision."""
+    from modeling_sera.cli import load_segmenter
 
-    model_path = Path(model_path)
-    if not model_path.is_dir():
-        raise FileNotFoundError(f"Model folder not found: {model_path}. Pass a folder written by save_pretrained.")
-    if not (model_path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model_path} has no config.json, so it is not a saved model. Pass a folder written by save_pretrained."
-        )
-    model = AutoModel.from_pretrained(model_path, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-    return model, processor
+    segmenter = load_segmenter(str(model_path), revision=revision)
+    return segmenter.model, segmenter.processor
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="training/evaluate.py",
+        prog=PROG,
         description="Score a saved referring segmentation model (oIoU, mIoU, Prec@X, boundary F; in %) on each split.",
     )
-    parser.add_argument("--model", required=True, help="folder written by save_pretrained")
+    parser.add_argument("--model", required=True, help="folder written by save_pretrained, or a Hub repo id")
+    parser.add_argument("--revision", help="with a Hub repo id: the branch, tag or commit to load (default: main)")
     parser.add_argument("--data", required=True, help=f"data source: {SOURCE_FORMS}")
     parser.add_argument(
         "--split", required=True, action="append", dest="splits", help="a split to score; repeat for more"
@@ -201,46 +219,118 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     parser.add_argument("--model-card", help="markdown model card whose results section to fill or replace")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--gallery",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write a contact sheet (PNG) per split of N predictions per category: the best, the worst and a "
+        "seeded random sample, with ground truth and prediction outlines and IoU",
+    )
+    parser.add_argument(
+        "--gallery-dir", help="where the contact sheets go (default: the --output file's folder, else the current one)"
+    )
+    parser.add_argument("--gallery-seed", type=int, default=0, help="seed of the gallery's random sample (default 0)")
+    parser.add_argument(
+        "--word-swap",
+        action="store_true",
+        help="also score whether the model reads spatial words: per category, the IoU between the masks for each "
+        "location, relation and comparison expression and for its twin with the word swapped (left <-> right, ...)",
+    )
     args = parser.parse_args(argv)
     # Check what can be checked before spending minutes on loading.
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.gallery < 0:
+        parser.error("--gallery N takes the number of examples per category, 0 or more")
     try:
         args.source = parse_source(args.data)
     except ValueError as error:
         parser.error(str(error))
-    if not Path(args.model).is_dir():
-        parser.error(f"model folder not found: {args.model}")
+    from modeling_sera.cli import ModelSourceError, check_model_source
+
+    try:
+        check_model_source(args.model, args.revision, inspect_folder=False)  # the rest when loading
+    except ModelSourceError as error:
+        parser.error(str(error))
+    gallery_dir = args.gallery_dir or (Path(args.output).parent if args.output else Path.cwd())
+    args.gallery_dir = Path(gallery_dir)
+    if args.gallery and not args.gallery_dir.is_dir():
+        parser.error(f"--gallery-dir {args.gallery_dir}: no such folder")
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    model, processor = load_model_and_processor(args.model)
-
-    results_by_split = {}
+    # The splits first: a wrong split name fails in seconds, before the model is loaded.
+    datasets_by_split = {}
     for split in dict.fromkeys(args.splits):  # keeps the order, drops repeats
-        dataset = load_examples(args.data, split, coco_image_dir=args.coco_image_dir)
+        try:
+            datasets_by_split[split] = load_examples(args.data, split, coco_image_dir=args.coco_image_dir)
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(f"{PROG}: error: --split {split}: {_one_line(error)}") from None
+    try:
+        model, processor = load_model_and_processor(args.model, revision=args.revision)
+    except ValueError as error:
+        raise SystemExit(f"{PROG}: error: {error}") from None
+
+    results_by_split, gallery_paths = {}, []
+    for split, dataset in datasets_by_split.items():
         logger.info(f"{args.source.name} {split}: {len(dataset)} expressions")
-        results_by_split[split] = evaluate_referring_segmentation(
+        results_by_split[split], records = evaluate_referring_segmentation(
             model,
             processor,
             dataset,
             batch_size=args.batch_size,
             device=args.device,
             show_progress=not args.no_progress,
+            record_samples=True,
         )
+        if args.word_swap:
+            from word_swap import word_swap_iou
+
+            results_by_split[split]["word_swap"] = word_swap_iou(model, processor, dataset, batch_size=args.batch_size)
+        if args.gallery:
+            from gallery import gallery_file_name, write_gallery
+
+            path = args.gallery_dir / gallery_file_name(split)
+            write_gallery(
+                model,
+                processor,
+                dataset,
+                records,
+                path,
+                per_category=args.gallery,
+                seed=args.gallery_seed,
+                title=f"{args.source.name} {split}",
+                batch_size=args.batch_size,
+            )
+            gallery_paths.append(path)
 
     print(f"\n{args.source.name}, scores in % (oIoU = cIoU, mIoU = gIoU)\n")
     print(format_results_table(results_by_split))
     category_table = format_category_table(results_by_split)
     if category_table:
         print("\n" + category_table)
+    swap_rows = [
+        [
+            split,
+            category,
+            str(entry["num_samples"]),
+            f"{entry['swap_IoU']:.3f}" if entry["swap_IoU"] is not None else "-",
+        ]
+        for split, results in results_by_split.items()
+        for category, entry in results.get("word_swap", {}).items()
+    ]
+    if swap_rows:
+        print("\nIoU between the masks for an expression and its word-swapped twin (lower: the words are read)\n")
+        print(_markdown_table(("split", "category", "expressions", "swap IoU"), swap_rows))
 
     if args.output:
         report = {
             "model": str(args.model),
+            "revision": args.revision,
             "data": args.source.name,
             "data_source": args.data,
             "units": "percent",
@@ -251,7 +341,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.model_card:
         update_model_card(args.model_card, results_by_split, args.source.name)
         print(f"Results section of {args.model_card} updated")
+    for path in gallery_paths:
+        print(f"Gallery written to {path}")
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(error).__name__
 
 
 if __name__ == "__main__":

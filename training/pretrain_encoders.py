@@ -307,6 +307,9 @@ def pretrain_encoders(
     eval_every: int = 300,
     seed: int = 0,
     cache_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
+    train_text: bool = True,
+    train_vision: bool = True,
     command: str | None = None,
     log=print,
 ) -> dict:
@@ -316,7 +319,11 @@ def pretrain_encoders(
     once ``time_budget_minutes`` have passed. The learning rate follows a cosine over whichever of steps and time is
     further along, so that a run cut by the budget still ends annealed. The ``num_eval_images`` scenes that follow
     the training scenes in the same stream are held out for the report. With ``hard_negatives`` the mirrored twin
-    of every "positions" caption joins the contrastive loss as a negative. Returns the report.
+    of every "positions" caption joins the contrastive loss as a negative. ``init_from``: a folder written by an
+    earlier run (towers and heads) to continue from instead of random weights; ``train_text=False`` keeps the text
+    tower as it is (e.g. one taught by ``pretrain_text_encoder.py``); ``train_vision=False`` the vision tower. With
+    both off only the heads train, e.g. to realign the image projection to a text tower trained since. Returns the
+    report.
     """
     if max_steps is None and epochs is None and time_budget_minutes is None:
         raise ValueError("Give max_steps, epochs or time_budget_minutes: pretraining needs a place to stop.")
@@ -348,8 +355,10 @@ def pretrain_encoders(
         max_steps = min(max_steps, math.ceil(epochs * steps_per_epoch))
     budget_seconds = time_budget_minutes * 60 if time_budget_minutes is not None else math.inf
 
-    model = EncoderPretrainingModel(config)
+    model = load_pretrained_encoders(init_from, config) if init_from is not None else EncoderPretrainingModel(config)
     model.train()
+    model.text_model.requires_grad_(train_text)
+    model.vision_model.requires_grad_(train_vision)
     optimizer = _optimizer(model, lr, weight_decay)
     generator = np.random.default_rng(seed)
     training_variants = np.array([CAPTION_VARIANTS.index(name) for name in TRAINING_CAPTION_VARIANTS])
@@ -421,6 +430,9 @@ def pretrain_encoders(
             "attribute_loss_weight": attribute_loss_weight,
             "hard_negatives": hard_negatives,
             "seed": seed,
+            "init_from": _shown_path(init_from) if init_from is not None else None,
+            "train_text": train_text,
+            "train_vision": train_vision,
             "num_threads": torch.get_num_threads(),
             "caption_variants": list(TRAINING_CAPTION_VARIANTS),
         },
@@ -473,6 +485,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval_every", type=int, default=300, help="steps between quick held-out checks (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", help="folder of prepared scene pools (default ~/.cache/sera/pretraining)")
+    parser.add_argument("--init_from", help="continue from the towers and heads in this folder (an earlier --output)")
+    parser.add_argument("--freeze_text", action="store_true", help="keep the text tower as it is; train the vision side")
+    parser.add_argument("--freeze_vision", action="store_true", help="keep the vision tower as it is")
     parser.add_argument("--num_threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.num_threads:
@@ -494,6 +509,9 @@ def main(argv: list[str] | None = None) -> None:
         eval_every=args.eval_every,
         seed=args.seed,
         cache_dir=args.cache_dir,
+        init_from=args.init_from,
+        train_text=not args.freeze_text,
+        train_vision=not args.freeze_vision,
         command=_command_line(sys.argv[1:] if argv is None else argv),
         log=lambda message: print(message, flush=True),
     )

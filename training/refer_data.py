@@ -1,4 +1,5 @@
-"""Load RefCOCO, RefCOCO+ and RefCOCOg from the original REFER files into the SERA example schema.
+"""Load RefCOCO, RefCOCO+, RefCOCOg (and RefCLEF, or any folder in the same layout) from the original REFER files
+into the SERA example schema.
 
 The REFER layout (https://github.com/lichengunc/refer) is::
 
@@ -7,7 +8,9 @@ The REFER layout (https://github.com/lichengunc/refer) is::
         refcoco/instances.json   refs(unc).p   refs(google).p
         refcoco+/instances.json  refs(unc).p
         refcocog/instances.json  refs(umd).p   refs(google).p
+        refclef/instances.json   refs(unc).p   refs(berkeley).p   (images in images/saiapr_tc-12/)
 
+Any other folder holding ``instances.json`` and ``refs(*).p`` loads too (its images default to COCO train2014's).
 ``refs(*.p)`` is a Python 2 pickle of a list of refs ``{ref_id, ann_id, image_id, category_id, split, sentences:
 [{sent, raw, tokens, sent_id}], sent_ids, file_name}``; ``instances.json`` holds the COCO images and annotations the
 refs point at. Every RefCOCO image is a COCO train2014 image. We yield one example per sentence.
@@ -19,6 +22,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +38,17 @@ from safe_pickle import load_pickle_safely
 
 logger = logging.getLogger(__name__)
 
-REFER_DATASETS = ("refcoco", "refcoco+", "refcocog")
+REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")  # the ones REFER ships; other folders load too
 REFER_IMAGE_SUBDIR = Path("images", "mscoco", "images", "train2014")
+# Where refer.py looks for the images of a dataset that does not use COCO's.
+REFER_IMAGE_SUBDIRS = {"refclef": Path("images", "saiapr_tc-12")}
 REFER_LAYOUT = """\
   {refer_root}/
     images/mscoco/images/train2014/COCO_train2014_*.jpg   (or pass image_dir=)
     refcoco/instances.json, refs(unc).p, refs(google).p
     refcoco+/instances.json, refs(unc).p
-    refcocog/instances.json, refs(umd).p, refs(google).p"""
+    refcocog/instances.json, refs(umd).p, refs(google).p
+    refclef/instances.json, refs(unc).p, refs(berkeley).p   (images: images/saiapr_tc-12/)"""
 
 # Reasons a record is skipped; each is a key of the SkippedRecords report.
 MISSING_IMAGE = "missing image file"
@@ -144,7 +151,7 @@ class RefRowBuilder:
                 self.skipped.skip(MALFORMED_REF, f"ref {ids['ref_id']} has a sentence without sent_id")
                 continue
             # "sent" is REFER's cleaned-up text; "raw" is what the annotator typed.
-            expression = (sentence.get("sent") or sentence.get("raw") or "").strip()
+            expression = repair_python2_text(str(sentence.get("sent") or sentence.get("raw") or "")).strip()
             if not expression:
                 self.skipped.skip(EMPTY_SENTENCE, f"ref {ids['ref_id']}, sentence {sentence['sent_id']}")
                 continue
@@ -191,6 +198,18 @@ class RefRowBuilder:
         buffer = io.BytesIO()
         mask_image.save(buffer, format="PNG")
         return buffer.getvalue()
+
+
+def repair_python2_text(text: str) -> str:
+    """Undo the mojibake of non-ASCII text in REFER's Python 2 pickles: they store UTF-8 byte strings, which loading
+    with ``encoding="latin1"`` turns into one character per byte ("cafÃ© car"). Re-encoding to latin-1 gives the bytes
+    back; when they are valid UTF-8 the text was such a byte string and is repaired ("café car"). ASCII text, text
+    with characters beyond latin-1 (a Python 2 ``unicode``, already right) and genuine latin-1 text stay as they are.
+    """
+    try:
+        return text.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return text
 
 
 def examples_to_dataset(
@@ -248,36 +267,56 @@ def load_refer_dataset(
     cache_dir: Optional[str] = None,
     return_skipped: bool = False,
 ) -> Union[datasets.Dataset, tuple[datasets.Dataset, SkippedRecords]]:
-    """Load one split of RefCOCO / RefCOCO+ / RefCOCOg from REFER files, one example per sentence.
+    """Load one split of RefCOCO / RefCOCO+ / RefCOCOg / RefCLEF from REFER files, one example per sentence.
 
     Args:
         refer_root: the REFER ``data`` folder (see the module docstring for its layout).
-        dataset: ``"refcoco"``, ``"refcoco+"`` or ``"refcocog"``.
+        dataset: the folder under ``refer_root``: ``"refcoco"``, ``"refcoco+"``, ``"refcocog"``, ``"refclef"``, or any
+            other folder in the same layout.
         split_by: which refs file, e.g. ``"unc"`` (RefCOCO, RefCOCO+), ``"umd"`` or ``"google"`` (RefCOCOg).
         split: a split stored in that file, e.g. ``"val"``, ``"testA"`` (unc); ``"test"`` (umd).
-        image_dir: the COCO train2014 images; defaults to ``{refer_root}/images/mscoco/images/train2014``.
+        image_dir: the images; defaults to ``{refer_root}/images/saiapr_tc-12`` for refclef (as refer.py) and to
+            ``{refer_root}/images/mscoco/images/train2014`` otherwise.
         cache_dir: where `datasets` writes the Arrow files (its default cache when None).
         return_skipped: also return the :class:`SkippedRecords` report.
 
     Images are stored by path (not copied), masks as PNG. Records that cannot be used are skipped, counted by reason
     and logged; a split where nothing is usable raises ``ValueError``.
     """
-    if dataset not in REFER_DATASETS:
-        raise ValueError(f"Unknown REFER dataset {dataset!r}; expected one of {', '.join(REFER_DATASETS)}.")
     refer_root = Path(refer_root)
     data_dir = refer_root / dataset
+    if not dataset or Path(dataset).name != dataset or not data_dir.is_dir():
+        present = sorted(path.parent.name for path in refer_root.glob("*/refs(*).p")) if refer_root.is_dir() else []
+        found = f"; the folders with refs files there are: {', '.join(sorted(set(present)))}" if present else ""
+        raise FileNotFoundError(
+            f"REFER dataset folder not found: {data_dir} (dataset={dataset!r} names a folder under {refer_root}"
+            f"{found}). The REFER layout is expected:\n{REFER_LAYOUT.format(refer_root=refer_root)}"
+        )
     refs_file = data_dir / f"refs({split_by}).p"
     instances_file = data_dir / "instances.json"
-    image_dir = Path(image_dir) if image_dir is not None else refer_root / REFER_IMAGE_SUBDIR
+    default_images = REFER_IMAGE_SUBDIRS.get(dataset, REFER_IMAGE_SUBDIR)
+    image_dir = Path(image_dir) if image_dir is not None else refer_root / default_images
     _check_refer_layout(refer_root, refs_file, instances_file, image_dir)
 
-    refs = load_pickle_safely(refs_file)
+    try:
+        refs = load_pickle_safely(refs_file)
+    except pickle.UnpicklingError as error:
+        if str(error).startswith("Refusing to unpickle"):
+            raise
+        raise ValueError(f"{refs_file} is not a readable REFER refs pickle ({error}); download it again.") from error
+    except (EOFError, ValueError, TypeError, IndexError, MemoryError) as error:
+        raise ValueError(f"{refs_file} is not a readable REFER refs pickle ({error!r}); download it again.") from error
     if not isinstance(refs, list):
         raise ValueError(f"{refs_file} should hold a list of refs, found a {type(refs).__name__}.")
-    with open(instances_file, encoding="utf-8") as handle:
-        instances = json.load(handle)
-    annotations = {annotation["id"]: annotation for annotation in instances.get("annotations", [])}
-    images = {image["id"]: image for image in instances.get("images", [])}
+    try:
+        with open(instances_file, encoding="utf-8") as handle:
+            instances = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{instances_file} is not valid JSON ({error}); it may be truncated: download it again."
+        ) from error
+    annotations = _records_by_id(instances, "annotations", instances_file)
+    images = _records_by_id(instances, "images", instances_file)
 
     splits_present = sorted({str(ref["split"]) for ref in refs if isinstance(ref, dict) and "split" in ref})
     if split not in splits_present:
@@ -327,9 +366,38 @@ def _check_refer_layout(refer_root: Path, refs_file: Path, instances_file: Path,
         )
     if not image_dir.is_dir():
         raise FileNotFoundError(
-            f"COCO train2014 image folder not found: {image_dir}. Put the COCO train2014 images there (REFER "
-            f"layout below) or pass image_dir=.\n{layout}"
+            f"REFER image folder not found: {image_dir}. Put the images there (REFER layout below: COCO train2014 "
+            f"for RefCOCO/+/g, saiapr_tc-12 for RefCLEF) or pass image_dir=.\n{layout}"
         )
+
+
+def _records_by_id(instances: Any, key: str, instances_file: Path) -> dict:
+    """COCO's `images` or `annotations` list, by id; a file that is not COCO's layout is refused with what it holds."""
+    if not isinstance(instances, dict):
+        raise ValueError(
+            f'{instances_file} should hold a COCO object {{"images": [...], "annotations": [...]}}, found a '
+            f"{type(instances).__name__}."
+        )
+    records = instances.get(key, [])
+    if not isinstance(records, list) or not all(isinstance(record, dict) and "id" in record for record in records):
+        found = (
+            type(records).__name__
+            if not isinstance(records, list)
+            else "a list with entries that are not objects with an id"
+        )
+        raise ValueError(f"{instances_file}: {key!r} should be a list of objects with an 'id', found {found}.")
+    by_id = {}
+    duplicates = []
+    for record in records:
+        if record["id"] in by_id:
+            duplicates.append(record["id"])
+        by_id[record["id"]] = record
+    if duplicates:
+        raise ValueError(
+            f"{instances_file}: {key!r} has duplicate ids {sorted(set(map(str, duplicates)))[:5]}, so a ref cannot "
+            "tell which one it means; the file is damaged or merged from several: download it again."
+        )
+    return by_id
 
 
 def _ref_field(ref: dict, key: str) -> Any:

@@ -693,12 +693,12 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
 # Evaluation and the model folder
 
 
-def evaluate_split(model, processor, dataset, args) -> dict:
+def evaluate_split(model, processor, dataset, args, **kwargs):
     from evaluation import evaluate_referring_segmentation
 
     was_training = model.training
     results = evaluate_referring_segmentation(
-        model, processor, dataset, batch_size=args.per_device_eval_batch_size, show_progress=False
+        model, processor, dataset, batch_size=args.per_device_eval_batch_size, show_progress=False, **kwargs
     )
     model.train(was_training)
     return results
@@ -868,7 +868,14 @@ def train(args, accelerator: Accelerator) -> int:
         if results is None:
             return
         step = progress.completed_steps
-        progress.history.append({"step": step, "mIoU": results["mIoU"], "oIoU": results["oIoU"]})
+        per_category = {category: scores["mIoU"] for category, scores in results.get("per_category", {}).items()}
+        progress.history.append(
+            {"step": step, "mIoU": results["mIoU"], "oIoU": results["oIoU"], "per_category_mIoU": per_category}
+        )
+        if accelerator.is_main_process:  # validation mIoU per category against steps, next to the TensorBoard logs
+            from gallery import write_validation_plot
+
+            write_validation_plot(progress.history, args.output_dir / "runs" / "validation_mIoU.png")
         accelerator.log({"validation/mIoU": results["mIoU"], "validation/oIoU": results["oIoU"]}, step=step)
         logger.info(f"step {step}: validation mIoU {results['mIoU']:.2f}, oIoU {results['oIoU']:.2f}")
         if results["mIoU"] > progress.best_metric:
@@ -1010,11 +1017,18 @@ def train(args, accelerator: Accelerator) -> int:
 
     final_model = plain_model(unwrapped, tuning)
     final_model.eval()
-    data_name = "synthref" if args.dataset == "synthref" else args.dataset
+    from data_sources import parse_source
+
+    data_name = parse_source(args.dataset).name  # "refcoco(unc)", a Hub id or a folder's name: never a local path
     results_by_split = {}
     for split, dataset in test_data.items():
         logger.info(f"Scoring {split} ({len(dataset)} expressions)")
-        results_by_split[split] = evaluate_split(final_model, processor, dataset, args)
+        results_by_split[split], records = evaluate_split(final_model, processor, dataset, args, record_samples=True)
+        from gallery import GALLERY_PER_CATEGORY, gallery_file_name, write_gallery  # a contact sheet per split
+
+        sheet = args.output_dir / gallery_file_name(split)
+        title = f"{data_name} {split}"
+        write_gallery(final_model, processor, dataset, records, sheet, GALLERY_PER_CATEGORY, args.seed, title)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     final_model.save_pretrained(args.output_dir)
