@@ -451,3 +451,20 @@ def test_eval_results_and_card_name_the_dataset_not_its_local_path(tmp_path, cac
     card = (output_dir / "README.md").read_text()
     assert str(tmp_path) not in card
     assert "my-referring-data" in card
+
+
+def test_a_best_checkpoint_moved_aside_by_a_killed_save_is_put_back(tmp_path):
+    """save_checkpoint moves the old `best` aside before renaming the new one in; a kill in between must not lose
+    it (the resume puts it back), and a complete `best` is never replaced by the aside copy."""
+    from train import restore_checkpoint
+
+    aside = tmp_path / ".best.old"
+    aside.mkdir()
+    (aside / "model.safetensors").write_text("old best")
+    restore_checkpoint(tmp_path / "best")
+    assert (tmp_path / "best" / "model.safetensors").read_text() == "old best" and not aside.exists()
+
+    aside.mkdir()
+    (aside / "model.safetensors").write_text("older")
+    restore_checkpoint(tmp_path / "best")
+    assert (tmp_path / "best" / "model.safetensors").read_text() == "old best"

@@ -640,6 +640,14 @@ def step_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda path: int(path.name.split("_")[1]))
 
 
+def restore_checkpoint(path: Path) -> None:
+    """Puts back a checkpoint that save_checkpoint had moved aside when a kill stopped it from renaming the new one
+    into place."""
+    previous = path.with_name(f".{path.name}.old")
+    if not path.exists() and previous.is_dir():
+        previous.rename(path)
+
+
 def save_checkpoint(accelerator, args, progress: TrainingProgress, name: str) -> Path:
     """accelerator.save_state into <checkpoints>/<name>, written aside and renamed, so a checkpoint that exists is
     complete; then the oldest step_N checkpoints beyond checkpoints_total_limit are removed."""
@@ -652,9 +660,15 @@ def save_checkpoint(accelerator, args, progress: TrainingProgress, name: str) ->
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / "progress.json").write_text(json.dumps(progress.state_dict(), indent=2) + "\n")
+        # Replacing `best`: the old one is moved aside, not deleted, until the new one is in place, so a kill at any
+        # moment leaves a complete `best` or a `.best.old` that restore_checkpoint puts back.
+        previous = final.with_name(f".{name}.old")
+        if previous.exists():
+            shutil.rmtree(previous)
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(previous)
         partial.rename(final)
+        shutil.rmtree(previous, ignore_errors=True)
         if name.startswith("step_") and args.checkpoints_total_limit:
             for old in step_checkpoints(checkpoint_dir(args))[: -args.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -862,6 +876,9 @@ def train(args, accelerator: Accelerator) -> int:
         return results
 
     best_dir = checkpoint_dir(args) / "best"
+    if accelerator.is_main_process:
+        restore_checkpoint(best_dir)
+    accelerator.wait_for_everyone()
 
     def after_step_validation() -> None:
         results = validate()
@@ -1030,10 +1047,15 @@ def train(args, accelerator: Accelerator) -> int:
         title = f"{data_name} {split}"
         write_gallery(final_model, processor, dataset, records, sheet, GALLERY_PER_CATEGORY, args.seed, title)
 
+    # The model folder is written aside and its files moved in with config.json last: a folder that from_pretrained
+    # can load is always a complete export, whenever the run is killed.
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    final_model.save_pretrained(args.output_dir)
-    processor.save_pretrained(args.output_dir)
-    (args.output_dir / RECIPE_FILE).write_text(json.dumps(recipe_of(args), indent=2) + "\n")
+    export = args.output_dir / ".export.partial"
+    if export.exists():
+        shutil.rmtree(export)
+    final_model.save_pretrained(export)
+    processor.save_pretrained(export)
+    (export / RECIPE_FILE).write_text(json.dumps(recipe_of(args), indent=2) + "\n")
     training_summary = {
         "completed_steps": progress.completed_steps,
         "epochs": progress.samples_seen / len(train_data),
@@ -1060,8 +1082,11 @@ def train(args, accelerator: Accelerator) -> int:
         "train": training_summary,
         "recipe": recipe_of(args),
     }
-    (args.output_dir / "eval_results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    write_model_card(args.output_dir / "README.md", final_model, args, report)
+    (export / "eval_results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_model_card(export / "README.md", final_model, args, report)
+    for path in sorted(export.iterdir(), key=lambda path: path.name == "config.json"):
+        os.replace(path, args.output_dir / path.name)
+    export.rmdir()
 
     if results_by_split:
         from evaluation import format_category_table, format_results_table
