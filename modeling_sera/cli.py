@@ -180,14 +180,17 @@ def displayable(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _font(size: int):
+def load_font(size: int):
+    """Pillow's default font at ``size`` points (the fixed bitmap font where Pillow has no FreeType)."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ImportError):  # a Pillow without FreeType has only the fixed bitmap font
         return ImageFont.load_default()
 
 
-def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
+def wrap_text(text: str, font, width: int, draw: ImageDraw.ImageDraw, max_lines: int | None = None) -> list[str]:
+    """Word-wrapped lines of at most ``width`` pixels; with ``max_lines``, the last kept line ends in "..." when the
+    text does not fit."""
     lines, line = [], ""
     for word in text.split():
         candidate = f"{line} {word}".strip()
@@ -196,7 +199,13 @@ def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
             line = word
         else:
             line = candidate
-    return lines + ([line] if line else [])
+    lines += [line] if line else []
+    if max_lines is not None and len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and draw.textlength(last + "...", font=font) > width:
+            last = last[:-1]
+        lines = lines[: max_lines - 1] + [last.rstrip() + "..."]
+    return lines
 
 
 def draw_overlay(image: Image.Image, mask: Image.Image, expression: str, score: float, router_weights: dict):
@@ -214,10 +223,10 @@ def draw_overlay(image: Image.Image, mask: Image.Image, expression: str, score: 
     outline = ImageChops.difference(mask.filter(ImageFilter.MaxFilter(3)), mask.filter(ImageFilter.MinFilter(3)))
     picture.paste(OUTLINE, mask=outline)
 
-    font, small = _font(15), _font(13)
+    font, small = load_font(15), load_font(13)
     measure = ImageDraw.Draw(picture)
     text_width = PANEL_WIDTH - 2 * MARGIN
-    expression_lines = _wrap(f'"{expression}"', font, text_width, measure)
+    expression_lines = wrap_text(f'"{expression}"', font, text_width, measure)
     area = np.asarray(mask).astype(bool).mean() * 100
     sections = [
         (title, weights)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageOps
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps
+
+from modeling_sera.cli import load_font, wrap_text
 
 GROUND_TRUTH_COLOR = (0, 190, 0)
 PREDICTION_COLOR = (230, 0, 200)
@@ -40,32 +42,6 @@ def gallery_file_name(split: str) -> str:
     """``gallery_<split>.png``, with anything but letters, digits, ``-``, ``_`` and ``.`` in the split replaced."""
     safe = "".join(character if character.isalnum() or character in "-_." else "_" for character in split)
     return f"gallery_{safe}.png"
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError):  # a Pillow without FreeType has only the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw, max_lines: int) -> list[str]:
-    """Word-wrapped lines of at most ``width`` pixels; the last one ends in "..." when the text does not fit."""
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if line and draw.textlength(candidate, font=font) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    lines += [line] if line else []
-    if len(lines) > max_lines:
-        last = lines[max_lines - 1]
-        while last and draw.textlength(last + "...", font=font) > width:
-            last = last[:-1]
-        lines = lines[: max_lines - 1] + [last.rstrip() + "..."]
-    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,7 +133,7 @@ def draw_tile(image: Image.Image, expression: str, reference, prediction, iou: f
         mask = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
         shown.paste(color, mask=_outline(mask))
 
-    font, bold = _font(12), _font(13)
+    font, bold = load_font(12), load_font(13)
     tile = Image.new("RGB", (TILE_SIDE, TILE_SIDE + LINE_HEIGHT * (CAPTION_LINES + 1) + 4), BACKGROUND)
     tile.paste(IMAGE_BACKGROUND, (0, 0, TILE_SIDE, TILE_SIDE))
     tile.paste(shown, ((TILE_SIDE - size[0]) // 2, (TILE_SIDE - size[1]) // 2))
@@ -165,7 +141,7 @@ def draw_tile(image: Image.Image, expression: str, reference, prediction, iou: f
     y = TILE_SIDE + 2
     draw.text((0, y), label, fill=LABEL_COLORS.get(label, (0, 0, 0)), font=bold)
     draw.text((60, y), f"IoU {iou:.2f}", fill=(0, 0, 0), font=bold)
-    for line in _wrap(f'"{expression}"', font, TILE_SIDE, draw, CAPTION_LINES):
+    for line in wrap_text(f'"{expression}"', font, TILE_SIDE, draw, CAPTION_LINES):
         y += LINE_HEIGHT
         draw.text((0, y), line, fill=(60, 60, 60), font=font)
     return tile
@@ -183,7 +159,7 @@ def draw_contact_sheet(rows: Mapping[str, Sequence[Image.Image]], title: str) ->
     height = header + len(rows) * (tile_height + MARGIN) + MARGIN
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    title_font, legend_font, row_font = _font(18), _font(13), _font(14)
+    title_font, legend_font, row_font = load_font(18), load_font(13), load_font(14)
     draw.text((MARGIN, MARGIN), title, fill=(0, 0, 0), font=title_font)
     x = MARGIN
     for name, color in (("ground truth", GROUND_TRUTH_COLOR), ("prediction", PREDICTION_COLOR)):
@@ -193,7 +169,7 @@ def draw_contact_sheet(rows: Mapping[str, Sequence[Image.Image]], title: str) ->
         x += 40 + round(draw.textlength(name, font=legend_font))
     y = header
     for category, row in rows.items():
-        for line_index, line in enumerate(_wrap(category, row_font, ROW_HEADER_WIDTH - 2 * MARGIN, draw, 3)):
+        for line_index, line in enumerate(wrap_text(category, row_font, ROW_HEADER_WIDTH - 2 * MARGIN, draw, 3)):
             draw.text((MARGIN, y + TILE_SIDE // 2 - 10 + 18 * line_index), line, fill=(0, 0, 0), font=row_font)
         for column, tile in enumerate(row):
             sheet.paste(tile, (ROW_HEADER_WIDTH + column * (tile_width + MARGIN), y))
@@ -304,7 +280,7 @@ def draw_validation_plot(history: Sequence[Mapping], title: str = "Validation mI
 
     image = Image.new("RGB", PLOT_SIZE, BACKGROUND)
     draw = ImageDraw.Draw(image)
-    font, title_font = _font(12), _font(15)
+    font, title_font = load_font(12), load_font(15)
     draw.text((left + 20, 8), title, fill=(0, 0, 0), font=title_font)
     tick = 0.0
     while tick <= y_high + 1e-9:

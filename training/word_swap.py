@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from evaluation import MODEL_INPUT_NAMES
 
 CATEGORIES = ("location", "relation", "comparison")
 # Each pair swaps both ways; longer phrases first so that "top left" is not read as "top" then "left".
@@ -45,7 +46,7 @@ def swapped_expression(text: str) -> str | None:
 @torch.no_grad()
 def _predict_masks(model, processor, images, texts, device) -> list[np.ndarray]:
     inputs = processor(images=images, text=texts, return_tensors="pt")
-    outputs = model(**{name: inputs[name].to(device) for name in ("pixel_values", "input_ids", "attention_mask")})
+    outputs = model(**{name: inputs[name].to(device) for name in MODEL_INPUT_NAMES})
     predictions = processor.post_process_referring_segmentation(outputs, target_sizes=inputs["original_sizes"])
     return [prediction["mask"].cpu().numpy() for prediction in predictions]
 
