@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
 DEFAULT_CONFIG = REPO_ROOT / "hub_configs" / "sera-synthref-tiny"
@@ -144,7 +145,6 @@ def run_fingerprint(command: list[str], config_name: str) -> str:
 
 def routing_statistics(model_dir: str, split: str = "test", batch_size: int = 64) -> dict:
     """Mean router weight and how often each expert is selected, per expression category, on one split."""
-    sys.path.insert(0, str(REPO_ROOT))
     from modeling_sera import SeraForReferringSegmentation, SeraProcessor
     from modeling_sera.pipeline_sera import ADAPTER_EXPERT_NAMES, FUSION_EXPERT_NAMES
 
@@ -185,18 +185,10 @@ def routing_statistics(model_dir: str, split: str = "test", batch_size: int = 64
 
 def recipe_split(recipe: dict, split: str):
     """The split the run was scored on (the synthetic data at the size and seed it was trained with)."""
-    sys.path.insert(0, str(REPO_ROOT / "training"))
-    from data_sources import load_examples
+    from sera_training.data_sources import load_source_splits
 
-    if recipe["dataset"] != "synthref":
-        return load_examples(recipe["dataset"], split)
-    import synthetic_data
-
-    splits = synthetic_data.build_synthetic_dataset(
-        cache_dir=recipe["synthetic_cache_dir"],
-        seed=recipe["synthetic_seed"],
-        num_images=recipe["synthetic_num_images"],
-    )
+    synthetic = {"cache_dir": recipe["synthetic_cache_dir"], "seed": recipe["synthetic_seed"]}
+    splits = load_source_splits(recipe["dataset"], [split], num_images=recipe["synthetic_num_images"], **synthetic)
     return splits[split]
 
 
@@ -268,7 +260,7 @@ def tables(rows: list[tuple[str, str, dict]], records: list[dict], config_top_k:
             if not groups:
                 continue
 
-            def average(key):
+            def average(key, groups=groups):
                 found = [group[key] for group in groups if key in group]
                 return statistics.mean(found) if found else float("nan")
 
@@ -305,7 +297,6 @@ def main():
         Path(args.routing_output).write_text(json.dumps(routing_statistics(args.routing_of), indent=2) + "\n")
         return
 
-    sys.path.insert(0, str(REPO_ROOT))
     from modeling_sera import SeraConfig
 
     config_top_k = SeraConfig.from_pretrained(args.config_name).fusion_top_k
@@ -323,10 +314,9 @@ def main():
     ]
 
     # Build the data once, before runs race to build it side by side: a run's recipe says which.
-    sys.path.insert(0, str(REPO_ROOT / "training"))
-    import train
+    from sera_training.arguments import parse_args, recipe_of
 
-    recipe = train.recipe_of(train.parse_args(["--output_dir", args.output_dir, *train_args]))
+    recipe = recipe_of(parse_args(["--output_dir", args.output_dir, *train_args]))
     if recipe["dataset"] == "synthref":  # one build writes every split; other sources are only read
         recipe_split(recipe, recipe["train_split"])
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from modeling_sera import SeraConfig, SeraForReferringSegmentation
+from modeling_sera import SeraConfig, SeraForReferringSegmentation  # noqa: E402 (after HF_HUB_OFFLINE is set)
+
 
 REAL_SIZE_CONFIG = REPO_ROOT / "hub_configs" / "sera-refcoco"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"

@@ -13,7 +13,6 @@ from contextlib import nullcontext
 
 import torch
 import torch._inductor.config
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from benchmark_utils import (
     add_common_arguments,
     build_model,
@@ -28,6 +27,7 @@ from benchmark_utils import (
     write_json,
 )
 from profile_modules import top_operators
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 SDPA_BACKENDS = {

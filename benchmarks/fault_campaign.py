@@ -40,7 +40,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 TINY_CONFIG = REPO_ROOT / "hub_configs" / "sera-synthref-tiny"
 CLEAR_ERRORS = (ValueError, OSError, EOFError, ImportError)  # FileNotFoundError, JSONDecodeError... are subclasses
-OUR_CODE = (str(REPO_ROOT / "modeling_sera"), str(REPO_ROOT / "training"), "transformers_modules")
+OUR_CODE = (
+    str(REPO_ROOT / "modeling_sera"),
+    str(REPO_ROOT / "sera_training"),
+    str(REPO_ROOT / "training"),
+    "transformers_modules",
+)
 
 
 def cpu_model() -> str:
@@ -129,18 +134,12 @@ def expression_cases() -> dict:
 
 
 def input_campaign(workdir: Path) -> list[dict]:
-    import torch
     from transformers import pipeline
 
-    sys.path.insert(0, str(REPO_ROOT / "training"))
-    from modeling_sera import SeraConfig, SeraForReferringSegmentation, SeraProcessor
+    from sera_training.export import save_untrained_model
 
-    torch.manual_seed(0)
-    model = SeraForReferringSegmentation(SeraConfig.from_pretrained(TINY_CONFIG)).eval()
-    processor = SeraProcessor.from_pretrained(TINY_CONFIG)
     folder = workdir / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_untrained_model(folder, TINY_CONFIG)
     segmenter = pipeline("referring-image-segmentation", model=str(folder), trust_remote_code=True, device="cpu")
     records = []
 
@@ -172,9 +171,10 @@ def input_campaign(workdir: Path) -> list[dict]:
 def annotation_campaign(workdir: Path) -> list[dict]:
     import pickle
 
-    from coco_masks import decode_segmentation
     from PIL import Image
-    from refer_data import load_refer_dataset
+
+    from sera_training.coco_masks import decode_segmentation
+    from sera_training.refer_data import load_refer_dataset
 
     records = []
     segmentations = {
@@ -342,13 +342,11 @@ SNAPSHOT: Path | None = None  # a copy of the code the kill campaign runs (see s
 
 
 def snapshot_code(workdir: Path) -> Path:
-    """Copy the package, the training scripts and the tiny config, so that every run of the campaign runs the same
+    """Copy the packages, the training scripts and the tiny config, so that every run of the campaign runs the same
     code even while the working tree changes under it."""
     root = workdir / "code"
-    for name in ("modeling_sera", "training", "hub_configs/sera-synthref-tiny"):
+    for name in ("modeling_sera", "sera_training", "training", "hub_configs/sera-synthref-tiny"):
         shutil.copytree(REPO_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for path in REPO_ROOT.glob("*.md"):  # the model card template, read from the repository root
-        shutil.copy(path, root / path.name)
     return root
 
 

@@ -49,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+
 REGIMES = ("peft", "full", "peft+checkpointing")
 REGIME_NAMES = {
     "peft": "SERA, PEFT regime (`freeze_encoders()`)",

@@ -33,6 +33,7 @@ from benchmark_utils import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
+
 # (group, regular expression on the module's qualified name); the first match wins. Groups may nest (an adapter
 # inside a vision block): every group gets the time of its modules minus that of the hooked modules inside them.
 GROUPS = [

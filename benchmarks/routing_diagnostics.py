@@ -14,22 +14,19 @@ For a trained model folder, on one split of the data it was trained on (read fro
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from accuracy_ablations import recipe_split  # benchmarks/ is first on sys.path when this script runs
+from benchmark_utils import markdown_table
+
+from modeling_sera import SeraForReferringSegmentation, SeraProcessor
+from modeling_sera.sera_adapter import SeraAdaptedMLP
+from modeling_sera.sera_fusion import FUSION_EXPERT_NAMES, SeraFusion
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-
-from accuracy_ablations import recipe_split  # noqa: E402
-from benchmark_utils import markdown_table  # noqa: E402
-
-from modeling_sera import SeraForReferringSegmentation, SeraProcessor  # noqa: E402
-from modeling_sera.sera_adapter import SeraAdaptedMLP  # noqa: E402
-from modeling_sera.sera_fusion import FUSION_EXPERT_NAMES, SeraFusion  # noqa: E402
 
 
 def rms(tensor: torch.Tensor) -> float:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+
 BENCHMARKS = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS.parent
 REAL_SIZE = str(REPO_ROOT / "hub_configs" / "sera-refcoco")

@@ -35,7 +35,7 @@ python3 -c "import torch, transformers, peft, accelerate, datasets; print('torch
 'datasets', datasets.__version__)"
 
 # The synthetic data is built on the CPU while the GPU tests and benchmarks run.
-python3 -c "import sys; sys.path.insert(0, 'training'); import synthetic_data; synthetic_data.build_synthetic_dataset()" \
+python3 -c "from sera_training import synthetic_data; synthetic_data.build_synthetic_dataset()" \
     > "$OUT_DIR/data.log" 2>&1 &
 data_pid=$!
 

@@ -13,18 +13,17 @@ gives its pairs a low cosine; the target for the default encoders is a sentence 
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "training"))
+from sera_training.synthetic_expressions import TEMPLATES
+from sera_training.synthetic_scenes import ATTRIBUTE_VALUES
 
-from synthetic_expressions import TEMPLATES
-from synthetic_scenes import ATTRIBUTE_VALUES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_TEXT_ENCODER = REPO_ROOT / "hub_configs" / "sera-synthref-tiny" / "text_encoder"
 # The pairs of the issue that first measured the collapse (#12), kept so that the figures stay comparable.

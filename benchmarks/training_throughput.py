@@ -36,6 +36,7 @@ from benchmark_utils import (
 )
 from speed import count_flops
 
+
 REFCOCO_TRAIN_OBJECTS = 42_404  # referred objects in RefCOCO (UNC) train: one sample each per epoch in DETRIS
 REFCOCO_TRAIN_EXPRESSIONS = 120_624
 RECIPE_EPOCHS = 65

@@ -11,18 +11,16 @@ must clear to show it reads the expression at all.
 """
 
 import argparse
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import evaluate
 import numpy as np
 
+from sera_training.synthetic_data import build_synthetic_dataset
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "training"))
-
-from synthetic_data import build_synthetic_dataset  # noqa: E402
 
 
 def centre_box(height: int, width: int) -> np.ndarray:

@@ -20,6 +20,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image, ImageChops, ImageFilter
 
+
 HERE = Path(__file__).resolve().parent
 TASK = "referring-image-segmentation"
 DEFAULT_MODEL = "outputs/sera-synthref-tiny"

@@ -14,11 +14,13 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .configuration_sera import SeraConfig
 from .image_processing_sera import SeraImageProcessor, letterbox_geometry
 from .modeling_sera import (
+    MODEL_INPUT_NAMES,
     SeraForReferringSegmentation,
     SeraModel,
     SeraModelOutput,
     SeraPreTrainedModel,
     SeraReferringSegmentationOutput,
+    trained_key_prefixes,
 )
 from .peft_sera import SeraTunerConfig, SeraTunerModel  # registers the peft type "SERA"
 from .pipeline_sera import ReferringImageSegmentationPipeline
@@ -43,6 +45,7 @@ PIPELINE_REGISTRY.register_pipeline(
 )
 
 __all__ = [
+    "MODEL_INPUT_NAMES",
     "ReferringImageSegmentationPipeline",
     "SeraConfig",
     "SeraForReferringSegmentation",
@@ -55,4 +58,5 @@ __all__ = [
     "SeraTunerConfig",
     "SeraTunerModel",
     "letterbox_geometry",
+    "trained_key_prefixes",
 ]

@@ -150,15 +150,20 @@ def load_segmenter(model, revision: str | None = None, device=None) -> Referring
         raise ModelSourceError(f"cannot load {where}: {_one_line(error)}") from error
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str | torch.device | None, model: torch.nn.Module | None = None) -> torch.device:
+    """`None`: where `model` already is (the CPU without one); `"auto"`: a GPU when torch sees one; anything else as
+    torch reads it. Raises `ValueError` for a device torch does not know, or a GPU it does not see."""
+    if device is None:
+        parameter = next(model.parameters(), None) if model is not None else None
+        return parameter.device if parameter is not None else torch.device("cpu")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        fail(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps.")
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps.") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {device} asks for a GPU, but torch sees none: use --device cpu.")
+        raise ValueError(f"device {device} asks for a GPU, but torch sees none: use cpu.")
     return resolved
 
 
@@ -292,7 +297,10 @@ def main(argv=None) -> int:
             f"{image_path} is {image.width}x{image.height} pixels: SERA needs at least {MIN_IMAGE_SIDE} pixels on "
             "each side. Pass a larger image."
         )
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        fail(f"--device: {error}")
 
     try:
         pipe = load_segmenter(args.model, revision=args.revision, device=device)

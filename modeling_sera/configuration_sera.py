@@ -103,6 +103,10 @@ class SeraConfig(PreTrainedConfig):
             Channels of the upsampled map that the dynamic kernel convolves.
         projector_kernel_size (`int`, *optional*, defaults to 3):
             Size of the dynamic kernel generated from the sentence feature.
+        projector_upsample_factor (`int`, *optional*, defaults to 4):
+            How much the projector upsamples the decoder's grid before the dynamic kernel (1, 2 or 4; one bilinear x2
+            and 3x3 conv-BN-ReLU per factor of 2). 4 is DETRIS's; *[ours]* a smaller factor for encoders whose grid
+            is already fine relative to the objects, where the x4 map costs most of the head's FLOPs.
         image_size (`int`, *optional*, defaults to 448):
             Side of the square letterboxed input.
         max_text_length (`int`, *optional*, defaults to 17):
@@ -176,6 +180,7 @@ class SeraConfig(PreTrainedConfig):
     decoder_dropout: float = 0.1
     projector_dim: int = 256
     projector_kernel_size: int = 3
+    projector_upsample_factor: int = 4
 
     image_size: int = 448
     max_text_length: int = 17
@@ -274,6 +279,8 @@ class SeraConfig(PreTrainedConfig):
             )
         if not 0.0 < self.mask_threshold < 1.0:
             raise ValueError(f"mask_threshold={self.mask_threshold} must lie strictly between 0 and 1.")
+        if self.projector_upsample_factor not in (1, 2, 4):
+            raise ValueError(f"projector_upsample_factor={self.projector_upsample_factor} must be 1, 2 or 4.")
         if self.dice_loss_weight < 0:
             raise ValueError(f"dice_loss_weight={self.dice_loss_weight} must be >= 0 (0 turns the Dice loss off).")
 

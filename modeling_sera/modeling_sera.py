@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-
 from transformers import AutoConfig, AutoModel, CLIPTextModelWithProjection, CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
@@ -28,6 +27,9 @@ from .sera_routing import router_balance_loss, router_entropy_loss, router_z_los
 
 
 logger = logging.get_logger(__name__)
+
+# The inputs of SERA's forward that the processor makes (labels aside): what pipelines, evaluation and collation pass.
+MODEL_INPUT_NAMES = ("pixel_values", "input_ids", "attention_mask")
 
 AUTO_MAP = {
     "AutoConfig": "configuration_sera.SeraConfig",
@@ -135,10 +137,15 @@ def freeze_unused_mask_token(vision_model: nn.Module) -> None:
         embeddings.register_buffer("mask_token", mask_token.detach(), persistent=True)
 
 
+def vision_model_class(model_type: str) -> type:
+    """The class that loads a vision tower of this `model_type`: `AutoModel` would build a whole CLIP (text tower
+    included) from a CLIP checkpoint, so CLIP's vision tower is loaded as `CLIPVisionModel`."""
+    return CLIPVisionModel if model_type in ("clip", "clip_vision_model") else AutoModel
+
+
 def build_vision_model(vision_config) -> nn.Module:
-    if vision_config.model_type == "clip_vision_model":
-        return CLIPVisionModel(vision_config)
-    return AutoModel.from_config(vision_config)
+    model_class = vision_model_class(vision_config.model_type)
+    return model_class(vision_config) if model_class is CLIPVisionModel else AutoModel.from_config(vision_config)
 
 
 class SeraPreTrainedModel(PreTrainedModel):
@@ -190,7 +197,9 @@ class SeraModel(SeraPreTrainedModel):
             for level in config.fusion_levels:
                 self.fusion[str(level)] = SeraFusion.from_settings(vision_width, config, sentence_dim)
 
-        self.word_proj = nn.Linear(text_width, config.hidden_size) if text_width != config.hidden_size else nn.Identity()
+        self.word_proj = (
+            nn.Linear(text_width, config.hidden_size) if text_width != config.hidden_size else nn.Identity()
+        )
         self.neck = SeraNeck([vision_width] * len(config.vision_feature_layers), sentence_dim, config.hidden_size)
         self.decoder = SeraDecoder(
             config.hidden_size,
@@ -227,7 +236,9 @@ class SeraModel(SeraPreTrainedModel):
         if pixel_values is None or input_ids is None:
             raise ValueError("SERA needs both pixel_values and input_ids; build them with SeraProcessor.")
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
+            raise ValueError(
+                f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}."
+            )
         patch = self.config.vision_patch_size
         if pixel_values.shape[-2] % patch or pixel_values.shape[-1] % patch:
             raise ValueError(
@@ -343,7 +354,11 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
         self.model = SeraModel(config)
         sentence_dim = sentence_width(config)
         self.projector = SeraProjector(
-            config.hidden_size, config.projector_dim, sentence_dim, config.projector_kernel_size
+            config.hidden_size,
+            config.projector_dim,
+            sentence_dim,
+            config.projector_kernel_size,
+            config.projector_upsample_factor,
         )
         self.post_init()
 
@@ -375,7 +390,9 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
         loss = mask_loss = z_loss = balance_loss = entropy_loss = None
         if labels is not None:
             mask_loss = self.mask_loss(logits, labels)
-            z_loss, balance_loss, entropy_loss = self.router_losses(outputs.fusion_router_logits, outputs.fusion_router_weights)
+            z_loss, balance_loss, entropy_loss = self.router_losses(
+                outputs.fusion_router_logits, outputs.fusion_router_weights
+            )
             loss = mask_loss + z_loss + balance_loss + entropy_loss
 
         output = SeraReferringSegmentationOutput(
@@ -402,15 +419,9 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
 
     def freeze_encoders(self, train_norms_and_biases: bool = True) -> None:
         """The paper's regime: freeze both encoders except their LayerNorm and bias terms (and the SERA-Adapters
-        that live inside the vision blocks); everything else (fusion, neck, decoder, projector) stays trainable."""
-        for encoder in (self.model.vision_model, self.model.text_model):
-            for module_name, module in encoder.named_modules():
-                is_norm = isinstance(module, nn.LayerNorm)
-                for param_name, param in module.named_parameters(recurse=False):
-                    full_name = f"{module_name}.{param_name}"
-                    in_adapter = "sera_adapter" in full_name
-                    is_norm_or_bias = is_norm or param_name == "bias"
-                    param.requires_grad_(in_adapter or (train_norms_and_biases and is_norm_or_bias))
+        that live inside the vision blocks); everything else (fusion, neck, decoder, projector) trains. The set is
+        `trained_key_prefixes`, which the PEFT tuner uses too."""
+        set_trainable(self, trained_key_prefixes(self, train_encoder_norms_and_biases=train_norms_and_biases))
 
     def mask_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """BCE with logits on the logits' grid, plus `config.dice_loss_weight` times a soft Dice loss.
@@ -476,10 +487,7 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
         config = SeraConfig(vision_config=vision_config, text_config=text_config, **config_kwargs)
         model = cls(config)
 
-        if vision_config.model_type == "clip_vision_model":
-            vision = CLIPVisionModel.from_pretrained(vision_model_name_or_path)
-        else:
-            vision = AutoModel.from_pretrained(vision_model_name_or_path)
+        vision = vision_model_class(vision_config.model_type).from_pretrained(vision_model_name_or_path)
         text = CLIPTextModelWithProjection.from_pretrained(text_model_name_or_path, config=text_config)
         load_encoder_weights(model.model.vision_model, vision)
         load_encoder_weights(model.model.text_model, text)
@@ -498,21 +506,100 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
         return model, processor
 
 
-def load_encoder_weights(target: nn.Module, source: nn.Module) -> None:
-    """Copy a pretrained encoder's weights into SERA's copy of it, whose adapted blocks wrap `mlp` as
-    `mlp.base_layer`. Fails loudly if any pretrained tensor finds no home or any encoder tensor stays unloaded."""
-    target_state = target.state_dict()
-    plain_to_target = {key.replace(".base_layer.", "."): key for key in target_state if "sera_adapter" not in key}
-    source_state = source.state_dict()
+# What trains in the paper's regime, relative to a SeraForReferringSegmentation: see `trained_key_prefixes`.
+HEAD_MODULE_NAMES = ("model.neck", "model.decoder", "model.word_proj", "projector")
+ENCODER_MODULE_NAMES = ("model.vision_model", "model.text_model")
+
+
+def is_under_prefixes(key: str, prefixes) -> bool:
+    """Whether a parameter or state-dict key is one of `prefixes` or lies under one of them (at a `.` boundary)."""
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+
+def trained_key_prefixes(
+    model: nn.Module,
+    train_encoder_norms_and_biases: bool = True,
+    train_head: bool = True,
+    adapter_name: str | None = None,
+) -> set[str]:
+    """The one definition of what trains (the paper's regime), as parameter / state-dict key prefixes relative to a
+    `SeraForReferringSegmentation`: `freeze_encoders` and the PEFT tuner both use it.
+
+    - the SERA modules: every SERA-Adapter inside the vision blocks and every SERA-Fusion. A PEFT tuner layer holds
+      one per adapter name (a `ModuleDict`), restricted to `adapter_name` when it is given;
+    - `train_encoder_norms_and_biases`: every LayerNorm parameter and every bias of both encoders outside the
+      SERA-Adapters ("<1% of backbone parameters");
+    - `train_head`: the neck, the decoder, the word projection and the projector.
+
+    Modules are recognised by structure (`reads_sera_words`, `sera_adapter`, `sera_fusion`), not by class, so that a
+    model loaded as remote code is handled like one built from this package.
+    """
+
+    def per_adapter(container_name: str, container: nn.Module) -> set[str]:
+        if not isinstance(container, nn.ModuleDict):  # a native module
+            return {container_name}
+        return {f"{container_name}.{name}" for name in container if adapter_name in (None, name)}
+
+    prefixes: set[str] = set()
+    adapters: set[str] = set()  # every SERA-Adapter container, whichever adapter name it belongs to
+    for name, module in model.get_submodule(ENCODER_MODULE_NAMES[0]).named_modules(prefix=ENCODER_MODULE_NAMES[0]):
+        if getattr(module, "reads_sera_words", False):
+            adapters.add(f"{name}.sera_adapter")
+            prefixes |= per_adapter(f"{name}.sera_adapter", module.sera_adapter)
+    for level, module in model.get_submodule("model.fusion").items():
+        container = module._modules.get("sera_fusion")
+        prefixes |= (
+            per_adapter(f"model.fusion.{level}.sera_fusion", container)
+            if container is not None
+            else {f"model.fusion.{level}"}
+        )
+    if train_encoder_norms_and_biases:
+        for encoder_name in ENCODER_MODULE_NAMES:
+            for module_name, module in model.get_submodule(encoder_name).named_modules(prefix=encoder_name):
+                if is_under_prefixes(module_name, adapters):
+                    continue
+                is_norm = isinstance(module, nn.LayerNorm)
+                for param_name, _ in module.named_parameters(recurse=False):
+                    if is_norm or param_name == "bias":
+                        prefixes.add(f"{module_name}.{param_name}")
+    if train_head:
+        prefixes.update(HEAD_MODULE_NAMES)
+    return prefixes
+
+
+def set_trainable(model: nn.Module, prefixes: set[str], trainable: bool = True) -> None:
+    """Make exactly the parameters under `prefixes` trainable (none at all with `trainable=False`)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable and is_under_prefixes(name, prefixes))
+
+
+def load_encoder_weights(target: nn.Module, source: nn.Module | dict[str, torch.Tensor]) -> None:
+    """Copy a pretrained encoder's weights (a model, or its state dict) into SERA's copy of it, whose adapted blocks
+    wrap `mlp` as `mlp.base_layer`; SERA-Adapter tensors are left as they are. The one remap from plain encoder names
+    to SERA's: fails loudly (`ValueError`) if any pretrained tensor finds no home or any encoder tensor stays unset."""
+    source_state = source if isinstance(source, dict) else source.state_dict()
+    source_name = "state dict" if isinstance(source, dict) else type(source).__name__
+    plain_to_target = {
+        key.replace(".base_layer.", "."): key for key in target.state_dict() if "sera_adapter" not in key
+    }
     unexpected = [key for key in source_state if key not in plain_to_target]
     missing = [key for key in plain_to_target if key not in source_state]
     if unexpected or missing:
         raise ValueError(
-            f"The pretrained {type(source).__name__} does not match SERA's encoder: unexpected {unexpected[:5]}, "
+            f"The pretrained {source_name} does not match SERA's encoder: unexpected {unexpected[:5]}, "
             f"missing {missing[:5]}. Check that the checkpoint is the architecture named in its config."
         )
-    remapped = {plain_to_target[key]: value for key, value in source_state.items()}
-    target.load_state_dict(remapped, strict=False)
+    target.load_state_dict({plain_to_target[key]: value for key, value in source_state.items()}, strict=False)
 
 
-__all__ = ["SeraModel", "SeraForReferringSegmentation", "SeraPreTrainedModel", "SeraModelOutput", "SeraReferringSegmentationOutput"]
+__all__ = [
+    "MODEL_INPUT_NAMES",
+    "SeraForReferringSegmentation",
+    "SeraModel",
+    "SeraModelOutput",
+    "SeraPreTrainedModel",
+    "SeraReferringSegmentationOutput",
+    "load_encoder_weights",
+    "trained_key_prefixes",
+    "vision_model_class",
+]

@@ -30,10 +30,15 @@ def register_sera_with_peft() -> None:
     """Make "SERA" a peft type. Idempotent, so re-importing or reloading the package is harmless."""
     peft_type = SeraPeftType.SERA
     if peft_type.value in PeftType.__members__:
-        warnings.warn("peft ships its own SERA method; modeling_sera's SERA tuner replaces it in this process.")
+        warnings.warn(
+            "peft ships its own SERA method; modeling_sera's SERA tuner replaces it in this process.", stacklevel=2
+        )
     prefix = SeraTunerModel.prefix
-    clashing = [str(other) for other, other_prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items()
-                if other_prefix == prefix and other != peft_type]
+    clashing = [
+        str(other)
+        for other, other_prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items()
+        if other_prefix == prefix and other != peft_type
+    ]
     if clashing:
         raise RuntimeError(f"The peft prefix {prefix!r} of SERA is already used by {clashing}.")
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = SeraTunerConfig

@@ -1,23 +1,23 @@
 """Tuner layers of the SERA PEFT method.
 
-- `SeraAdapterLayer` wraps a vision block's `mlp` exactly like the model's own `SeraAdaptedMLP`
-  (`base_layer(x) + scale * adapter(x, words)`), with the adapter held per adapter name as peft expects.
-- `SeraFusionLayer` is an entry of the model's `fusion` ModuleDict: a SERA-Fusion per adapter name, with no base layer
-  (a model without SERA-Fusion passes its level grids on untouched).
+- `SeraAdapterLayer` is the model's own `SeraAdaptedMLP` (same forward, `base_layer(x) + scale * adapter(x, words)`)
+  with the adapter held per adapter name as peft expects.
+- `SeraFusionLayer` is an entry of the model's `fusion` ModuleDict: the model's own `SeraFusion`, one per adapter name,
+  with no base layer (a model without SERA-Fusion passes its level grids on untouched).
 
-Neither can be folded into base weights: `SeraTunerModel.merge_and_unload` turns them into the native modules.
+Both build their modules from a `SeraConfig` (the base model's config with the tuner's settings applied, see
+`SeraTunerModel.sera_settings_for`), as `SeraModel` builds its own. Neither can be folded into base weights:
+`SeraTunerModel.merge_and_unload` turns them into the native modules.
 """
 
 from __future__ import annotations
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTunerLayer
-
 from .configuration_sera import FUSION_NUM_EXPERTS
-from .peft_sera_config import SeraTunerConfig
-from .sera_adapter import SeraAdapter, current_vision_scope
+from .sera_adapter import SeraAdaptedMLP, SeraAdapter
 from .sera_fusion import SeraFusion
 from .sera_routing import RouterDecision
 
@@ -44,14 +44,10 @@ class SeraLayer(BaseTunerLayer):
         return [(name, container[name]) for name in self.active_adapters if name in container]
 
 
-class SeraAdapterLayer(nn.Module, SeraLayer):
-    """A vision block's `mlp` plus a SERA-Adapter: `base_layer(x) + scale * adapter(x, words)`.
+class SeraAdapterLayer(SeraAdaptedMLP, SeraLayer):
+    """A vision block's `mlp` plus a SERA-Adapter per adapter name: `SeraAdaptedMLP`'s forward over the active ones
+    (none while the adapters are disabled, which leaves `base_layer(x)`)."""
 
-    The SERA model finds it like its own `SeraAdaptedMLP` (`reads_sera_words`): it reads the words from the current
-    `sera_vision_scope` and records its router weights there (none while the adapters are disabled).
-    """
-
-    reads_sera_words = True
     adapter_layer_names = ("sera_adapter",)
     other_param_names = ("scale",)
 
@@ -59,25 +55,27 @@ class SeraAdapterLayer(nn.Module, SeraLayer):
         self,
         base_layer: nn.Module,
         adapter_name: str,
-        config: SeraTunerConfig,
+        settings,
         hidden_size: int,
         text_hidden_size: int,
+        inference_mode: bool = False,
     ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.sera_adapter = nn.ModuleDict()
-        self.scale: dict[str, float] = {}
+        super().__init__(base_layer, nn.ModuleDict(), {})
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, hidden_size, text_hidden_size)
+        self.update_layer(adapter_name, settings, hidden_size, text_hidden_size, inference_mode)
 
     def update_layer(
-        self, adapter_name: str, config: SeraTunerConfig, hidden_size: int, text_hidden_size: int
+        self, adapter_name: str, settings, hidden_size: int, text_hidden_size: int, inference_mode: bool = False
     ) -> None:
-        self.sera_adapter[adapter_name] = SeraAdapter.from_settings(hidden_size, text_hidden_size, config)
-        self.scale[adapter_name] = config.adapter_scale
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        """Add a SERA-Adapter built from `settings` (a `SeraConfig`) under `adapter_name`."""
+        self.sera_adapter[adapter_name] = SeraAdapter.from_settings(hidden_size, text_hidden_size, settings)
+        self.scale[adapter_name] = settings.adapter_scale
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def active_sera_adapters(self) -> list[tuple[SeraAdapter, float]]:
+        return [(adapter, self.scale[name]) for name, adapter in self._active_modules()]
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # peft's default reads `base_layer.weight`, which a transformer block's MLP does not have: follow the MLP's
@@ -88,15 +86,6 @@ class SeraAdapterLayer(nn.Module, SeraLayer):
         if any(param.device.type == "meta" for param in self.sera_adapter[adapter_name].parameters()):
             return
         self.sera_adapter[adapter_name].to(device if device is not None else reference.device, dtype=reference.dtype)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(hidden_states)
-        for adapter_name, adapter in self._active_modules():
-            scope = current_vision_scope()
-            adapter_output, router_weights = adapter(hidden_states, scope.context)
-            scope.router_weights[id(self)] = router_weights
-            result = result + self.scale[adapter_name] * adapter_output
-        return result
 
     def __repr__(self) -> str:
         return "sera." + super().__repr__()
@@ -111,17 +100,22 @@ class SeraFusionLayer(nn.Module, SeraLayer):
 
     adapter_layer_names = ("sera_fusion",)
 
-    def __init__(self, adapter_name: str, config: SeraTunerConfig, channels: int, sentence_dim: int) -> None:
+    def __init__(
+        self, adapter_name: str, settings, channels: int, sentence_dim: int, inference_mode: bool = False
+    ) -> None:
         super().__init__()
         self.sera_fusion = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, channels, sentence_dim)
+        self.update_layer(adapter_name, settings, channels, sentence_dim, inference_mode)
 
-    def update_layer(self, adapter_name: str, config: SeraTunerConfig, channels: int, sentence_dim: int) -> None:
-        self.sera_fusion[adapter_name] = SeraFusion.from_settings(channels, config, sentence_dim)
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+    def update_layer(
+        self, adapter_name: str, settings, channels: int, sentence_dim: int, inference_mode: bool = False
+    ) -> None:
+        """Add a SERA-Fusion built from `settings` (a `SeraConfig`) under `adapter_name`."""
+        self.sera_fusion[adapter_name] = SeraFusion.from_settings(channels, settings, sentence_dim)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     # BaseTunerLayer reads `weight` and `bias` from the base layer, which a fusion entry lacks (the lookup would
     # recurse into itself); report them missing instead, so `getattr(layer, "weight", None)` works.

@@ -5,9 +5,11 @@ layers itself instead of matching module-name patterns: a `SeraAdapterLayer` aro
 `adapter_layers` and a `SeraFusionLayer` in the model's `fusion` ModuleDict for every level in `fusion_levels`. SERA
 modules the base model already has (a published SERA checkpoint) are kept and trained in place, never wrapped twice.
 
-Trainable set: the SERA modules, the encoders' LayerNorm and bias terms and the head (neck, decoder, projector,
-word_proj), each group switchable. The last two are base-model tensors trained in place (like `bias="all"` in LoRA),
-which is why a model holds one SERA adapter at a time.
+Trainable set: the model's own definition (`modeling_sera.trained_key_prefixes`, also behind `freeze_encoders`): the
+SERA modules, the encoders' LayerNorm and bias terms and the head (neck, decoder, projector, word_proj), the last two
+switchable. They are base-model tensors trained in place (like `bias="all"` in LoRA), as the switches' names say
+(`train_*_in_place`), which is why a model holds one SERA adapter at a time and why `disable_adapter()` gives the base
+model back only with both switched off.
 
 Checkpoint: the adapter file holds exactly the trained tensors plus the BatchNorm statistics of the trained modules,
 under the names a SERA model built with the tuner's settings would give them (adapter name removed, `sera_fusion`
@@ -17,25 +19,20 @@ and `merge_and_unload` yields exactly those names.
 
 from __future__ import annotations
 
-import copy
 import functools
 import re
 import warnings
 
 import torch
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTuner, _is_key_under_prefixes
-
-from .modeling_sera import sentence_width, vision_blocks
+from .modeling_sera import is_under_prefixes, sentence_width, set_trainable, trained_key_prefixes, vision_blocks
 from .peft_sera_config import SERA_ADAPTER_FIELDS, SERA_FUSION_FIELDS, SeraTunerConfig
 from .peft_sera_layer import SeraAdapterLayer, SeraFusionLayer, SeraLayer
 from .sera_adapter import SeraAdaptedMLP, SeraAdapter
 
 
-# The head, relative to SeraForReferringSegmentation: everything after the encoders and SERA-Fusion.
-HEAD_MODULE_NAMES = ("model.neck", "model.decoder", "model.word_proj", "projector")
-ENCODER_MODULE_NAMES = ("model.vision_model", "model.text_model")
 CHECKPOINT_PREFIX = "base_model.model."  # what peft puts in front of every key of a PeftModel's state dict
 
 
@@ -46,7 +43,7 @@ def is_sera_segmentation_model(module: nn.Module) -> bool:
 
 
 def is_native_adapted_mlp(module: nn.Module) -> bool:
-    return any(cls.__name__ == "SeraAdaptedMLP" for cls in type(module).__mro__)
+    return not isinstance(module, SeraLayer) and any(cls.__name__ == "SeraAdaptedMLP" for cls in type(module).__mro__)
 
 
 @functools.cache
@@ -67,45 +64,15 @@ def find_sera_model(model: nn.Module) -> tuple[str, nn.Module]:
     )
 
 
-def encoder_norm_and_bias_names(sera: nn.Module, skip_prefixes: set[str]) -> set[str]:
-    """Every LayerNorm parameter and every bias of both encoders (the rule of `freeze_encoders`), outside the SERA
-    modules listed in `skip_prefixes`, which form their own group."""
-    names = set()
-    for encoder_name in ENCODER_MODULE_NAMES:
-        for module_name, module in sera.get_submodule(encoder_name).named_modules():
-            full_module_name = f"{encoder_name}.{module_name}" if module_name else encoder_name
-            if _is_key_under_prefixes(full_module_name, skip_prefixes):
-                continue
-            is_norm = isinstance(module, nn.LayerNorm)
-            for param_name, _ in module.named_parameters(recurse=False):
-                if is_norm or param_name == "bias":
-                    names.add(f"{full_module_name}.{param_name}")
-    return names
-
-
 def sera_trained_key_prefixes(sera: nn.Module, config: SeraTunerConfig, adapter_name: str | None = None) -> set[str]:
-    """State-dict key prefixes (relative to the SERA model) of every tensor the tuner trains and saves: the SERA
-    modules (injected ones restricted to `adapter_name` when given, native ones whole), then the switchable groups."""
-    prefixes = set()
-    sera_containers = set()  # every SERA module inside the encoders, whichever adapter it belongs to
-    for name, module in sera.named_modules():
-        if isinstance(module, SeraLayer):
-            container_name = module.adapter_layer_names[0]
-            container = getattr(module, container_name)
-            sera_containers.add(f"{name}.{container_name}")
-            adapter_names = list(container) if adapter_name is None else [adapter_name]
-            prefixes.update(f"{name}.{container_name}.{a}" for a in adapter_names if a in container)
-        elif is_native_adapted_mlp(module):
-            sera_containers.add(f"{name}.sera_adapter")
-            prefixes.add(f"{name}.sera_adapter")
-    for level, module in sera.model.fusion.items():
-        if not isinstance(module, SeraLayer):
-            prefixes.add(f"model.fusion.{level}")
-    if config.train_encoder_norms_and_biases:
-        prefixes |= encoder_norm_and_bias_names(sera, skip_prefixes=sera_containers)
-    if config.train_head:
-        prefixes.update(HEAD_MODULE_NAMES)
-    return prefixes
+    """State-dict key prefixes (relative to the SERA model) of every tensor the tuner trains and saves: the model's
+    one definition (`trained_key_prefixes`) with the tuner's switches."""
+    return trained_key_prefixes(
+        sera,
+        train_encoder_norms_and_biases=config.train_encoder_norms_and_biases_in_place,
+        train_head=config.train_head_in_place,
+        adapter_name=adapter_name,
+    )
 
 
 class SeraTunerModel(BaseTuner):
@@ -168,9 +135,9 @@ class SeraTunerModel(BaseTuner):
             if not getattr(base_config, use_flag):
                 continue
             differences = [
-                f"{name}: tuner {getattr(config, name)!r}, model {getattr(base_config, name)!r}"
+                f"{name}: tuner {config.sera_settings[name]!r}, model {getattr(base_config, name)!r}"
                 for name in fields
-                if getattr(config, name) != getattr(base_config, name)
+                if name in config.sera_settings and config.sera_settings[name] != getattr(base_config, name)
             ]
             if differences:
                 raise ValueError(
@@ -178,19 +145,7 @@ class SeraTunerModel(BaseTuner):
                     f"match the model's ({'; '.join(differences)}). SeraTunerConfig.from_sera_config(model.config) "
                     "copies them."
                 )
-        self._merged_sera_config(base_config, config)  # raises for blocks, levels or widths the model lacks
-
-    @staticmethod
-    def _merged_sera_config(base_config, config: SeraTunerConfig):
-        """The base config with the SERA modules the tuner uses switched on with its settings; validated the way
-        SeraConfig validates itself (block and level indices against the backbone, widths against head counts)."""
-        merged = copy.deepcopy(base_config)
-        for use_flag, fields in (("use_sera_adapter", SERA_ADAPTER_FIELDS), ("use_sera_fusion", SERA_FUSION_FIELDS)):
-            if getattr(config, use_flag):
-                for name in fields:
-                    setattr(merged, name, copy.deepcopy(getattr(config, name)))
-        merged.check_settings()
-        return merged
+        config.sera_config_for(base_config)  # raises for blocks, levels or widths the model lacks
 
     # --------------------------------------------------------------- injection
 
@@ -210,6 +165,11 @@ class SeraTunerModel(BaseTuner):
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
         self._check_base_model(model, config)
+        settings = config.sera_config_for(model.config)
+        # Written down in full, so that the saved adapter describes its modules without the base model's config.
+        for use_flag, fields in (("use_sera_adapter", SERA_ADAPTER_FIELDS), ("use_sera_fusion", SERA_FUSION_FIELDS)):
+            if getattr(config, use_flag):
+                config.sera_settings.update({name: getattr(settings, name) for name in fields[1:]})
 
         sera_model = model.model
         vision_width = model.config.vision_config.hidden_size
@@ -217,19 +177,21 @@ class SeraTunerModel(BaseTuner):
 
         if config.use_sera_adapter:
             blocks = vision_blocks(sera_model.vision_model)
-            for index in config.adapter_layers:
+            for index in settings.adapter_layers:
                 block = blocks[index]
                 if is_native_adapted_mlp(block.mlp):
                     continue  # a SERA checkpoint's own adapter: trained in place
                 key = module_names[block.mlp]
-                self._create_and_replace(config, adapter_name, block.mlp, "mlp", block, current_key=key)
+                self._create_and_replace(settings, adapter_name, block.mlp, "mlp", block, current_key=key)
                 self.targeted_module_names.append(key)
 
         if config.use_sera_fusion:
-            for level in config.fusion_levels:
+            for level in settings.fusion_levels:
                 if str(level) in sera_model.fusion:
                     continue  # a SERA checkpoint's own SERA-Fusion: trained in place
-                layer = SeraFusionLayer(adapter_name, config, vision_width, sentence_width(model.config))
+                layer = SeraFusionLayer(
+                    adapter_name, settings, vision_width, sentence_width(model.config), config.inference_mode
+                )
                 # SeraModel's own init, on the device, dtype and train/eval mode of the vision tower it follows.
                 self._initialize(layer.sera_fusion[adapter_name], owner=sera_model, reference=sera_model.vision_model)
                 layer.train(sera_model.vision_model.training)
@@ -239,11 +201,17 @@ class SeraTunerModel(BaseTuner):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
 
-    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        """Wrap a vision block's `mlp` (`target`) in a SeraAdapterLayer."""
+    def _create_and_replace(self, settings, adapter_name, target, target_name, parent, current_key, **kwargs):
+        """Wrap a vision block's `mlp` (`target`) in a SeraAdapterLayer built from `settings` (the SeraConfig of
+        `SeraTunerConfig.sera_config_for`)."""
         config = self.model.config
         new_module = SeraAdapterLayer(
-            target, adapter_name, peft_config, config.vision_config.hidden_size, config.text_config.hidden_size
+            target,
+            adapter_name,
+            settings,
+            config.vision_config.hidden_size,
+            config.text_config.hidden_size,
+            self.peft_config[adapter_name].inference_mode,
         )
         # The vision tower's own init (as for the adapters of a SERA model), on the MLP's device, dtype and mode.
         self._initialize(new_module.sera_adapter[adapter_name], owner=self.model.model.vision_model, reference=target)
@@ -266,10 +234,20 @@ class SeraTunerModel(BaseTuner):
         """Make exactly SERA's trainable set trainable (see `sera_trained_key_prefixes`): beyond the adapter modules
         this includes base-model tensors (encoder norms and biases, head); nothing at all in inference mode."""
         config = next(iter(self.peft_config.values()))
-        prefixes = sera_trained_key_prefixes(model, config)
-        trainable = not config.inference_mode
-        for name, param in model.named_parameters():
-            param.requires_grad_(trainable and _is_key_under_prefixes(name, prefixes))
+        set_trainable(model, sera_trained_key_prefixes(model, config), trainable=not config.inference_mode)
+
+    def train(self, mode: bool = True):
+        """As `nn.Module.train`, but BatchNorm layers outside the trained set (a head with `train_head_in_place=False`)
+        stay in eval mode: frozen means their running statistics do not move either, so disabling the adapter after
+        training gives the base model back when nothing trains in place."""
+        super().train(mode)
+        config = next(iter(self.peft_config.values()), None)
+        if mode and config is not None:
+            prefixes = sera_trained_key_prefixes(self.model, config)
+            for name, module in self.model.named_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not is_under_prefixes(name, prefixes):
+                    module.eval()
+        return self
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # SERA modules sit on the model's activation path (BatchNorm, attention), so they keep the base model's
@@ -278,11 +256,20 @@ class SeraTunerModel(BaseTuner):
 
     def disable_adapter_layers(self) -> None:
         config = next(iter(self.peft_config.values()))
-        if config.train_encoder_norms_and_biases or config.train_head:
+        in_place = [
+            name
+            for name in ("train_encoder_norms_and_biases_in_place", "train_head_in_place")
+            if getattr(config, name)
+        ]
+        if any(is_native_adapted_mlp(module) for module in self.model.modules()) or any(
+            not isinstance(module, SeraLayer) for module in self.model.model.fusion.values()
+        ):
+            in_place.append("the base checkpoint's own SERA modules")
+        if in_place:
             warnings.warn(
-                "Disabling the SERA adapter removes the injected SERA modules from the forward pass, but the "
-                "encoders' norm and bias terms, the head and any SERA modules of the base checkpoint are trained in "
-                "place and keep their trained values."
+                "Disabling the SERA adapter removes the injected SERA modules from the forward pass, but what is "
+                f"trained in place ({', '.join(in_place)}) keeps its trained values: this is not the base model.",
+                stacklevel=3,
             )
         self._enable_adapter_layers(enabled=False)
 
@@ -317,7 +304,7 @@ class SeraTunerModel(BaseTuner):
                 else:
                     del fusion[level]
         if merge:
-            merged_config = self._merged_sera_config(model.config, self.peft_config[adapter_name])
+            merged_config = self.peft_config[adapter_name].sera_config_for(model.config)
             for name in SERA_ADAPTER_FIELDS + SERA_FUSION_FIELDS:
                 setattr(model.config, name, getattr(merged_config, name))
         if hasattr(model, "peft_config"):
@@ -336,7 +323,7 @@ class SeraTunerModel(BaseTuner):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         root, sera = find_sera_model(model)
         prefixes = {root + prefix for prefix in sera_trained_key_prefixes(sera, config, adapter_name)}
-        return {key: value for key, value in state_dict.items() if _is_key_under_prefixes(key, prefixes)}
+        return {key: value for key, value in state_dict.items() if is_under_prefixes(key, prefixes)}
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -352,7 +339,7 @@ class SeraTunerModel(BaseTuner):
         prefixes = {root + prefix for prefix in sera_trained_key_prefixes(sera, config, adapter_name)}
         checkpoint_key_to_model_key = {}
         for model_key in model.state_dict():
-            if not _is_key_under_prefixes(model_key, prefixes):
+            if not is_under_prefixes(model_key, prefixes):
                 continue
             checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
             checkpoint_key_to_model_key[checkpoint_key] = model_key
@@ -364,7 +351,8 @@ class SeraTunerModel(BaseTuner):
         if missing:
             warnings.warn(
                 f"The SERA adapter checkpoint lacks {len(missing)} tensors the tuner trains (e.g. {missing[:3]}); "
-                "they keep their current values."
+                "they keep their current values.",
+                stacklevel=3,
             )
         return {checkpoint_key_to_model_key.get(key, key): value for key, value in state_dict.items()}
 

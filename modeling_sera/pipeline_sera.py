@@ -3,7 +3,8 @@
 `modeling_sera/__init__.py` registers it with transformers' `PIPELINE_REGISTRY`. `pipe.save_pretrained(folder)` (and
 `training/push.py`) also writes this file next to the checkpoint and names it under `custom_pipelines` in config.json,
 so that `pipeline("referring-image-segmentation", model=folder_or_repo_id, trust_remote_code=True)` works where this
-package is not installed. That makes this file remote code: it imports only numpy, PIL, torch and transformers.
+package is not installed. That makes this file remote code: besides numpy, PIL, torch and transformers it imports only
+SERA's own remote-code files (the model's, which `custom_object_save` copies along and a checkpoint holds anyway).
 """
 
 import os
@@ -17,12 +18,12 @@ from transformers import Pipeline
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.image_utils import load_image as load_image_from_url
 
+from .modeling_sera import MODEL_INPUT_NAMES
+from .sera_adapter import ADAPTER_EXPERT_NAMES
+from .sera_fusion import FUSION_EXPERT_NAMES
+
 
 TASK = "referring-image-segmentation"
-# The order of the experts in SeraModelOutput.fusion_router_weights and .adapter_router_weights.
-FUSION_EXPERT_NAMES = ("spatial", "context", "boundary", "shape")
-ADAPTER_EXPERT_NAMES = ("spatial", "boundary")
-MODEL_INPUT_NAMES = ("pixel_values", "input_ids", "attention_mask")
 # What a single image may be; a list or tuple in `image` holds several.
 SINGLE_IMAGE_TYPES = (str, os.PathLike, PIL.Image.Image, np.ndarray, torch.Tensor)
 IMAGE_TYPE_ERROR = "An image must be a file path, an http(s) URL, a PIL image or a numpy array, got {}."

@@ -27,8 +27,10 @@ class SeraProcessor(ProcessorMixin):
         max_text_length (`int`, *optional*, defaults to 17):
             Number of tokens per expression, `<|startoftext|>` and `<|endoftext|>` included (17 for RefCOCO and
             RefCOCO+, 22 for RefCOCOg in the paper).
-        mask_threshold (`float`, *optional*, defaults to 0.35):
-            Probability threshold used by [`~SeraProcessor.post_process_referring_segmentation`].
+        mask_threshold (`float`, *optional*):
+            Probability threshold used by [`~SeraProcessor.post_process_referring_segmentation`]. It has one home, the
+            image processor's `mask_threshold` (which `processor.mask_threshold` reads and writes); given here it
+            replaces the image processor's, as a processor_config.json written before 0.2 (which held both) needs.
     """
 
     def __init__(
@@ -36,14 +38,24 @@ class SeraProcessor(ProcessorMixin):
         image_processor=None,
         tokenizer=None,
         max_text_length: int = 17,
-        mask_threshold: float = 0.35,
+        mask_threshold: float | None = None,
         **kwargs,
     ):
         super().__init__(image_processor, tokenizer, **kwargs)
         if max_text_length < 3:
             raise ValueError(f"max_text_length={max_text_length} leaves no room for words between the special tokens.")
         self.max_text_length = max_text_length
-        self.mask_threshold = mask_threshold
+        if mask_threshold is not None:
+            self.mask_threshold = mask_threshold
+
+    @property
+    def mask_threshold(self) -> float:
+        """The image processor's `mask_threshold`: the one place the post-processing threshold lives."""
+        return self.image_processor.mask_threshold
+
+    @mask_threshold.setter
+    def mask_threshold(self, value: float) -> None:
+        self.image_processor.mask_threshold = value
 
     @classmethod
     def from_encoders(
@@ -72,7 +84,7 @@ class SeraProcessor(ProcessorMixin):
             size={"height": image_size, "width": image_size}, mask_threshold=mask_threshold, **normalisation
         )
         tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
-        return cls(image_processor, tokenizer, max_text_length=max_text_length, mask_threshold=mask_threshold)
+        return cls(image_processor, tokenizer, max_text_length=max_text_length)
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
@@ -167,7 +179,6 @@ class SeraProcessor(ProcessorMixin):
         Masks at the original image sizes from SERA's mask logits; see
         [`SeraImageProcessor.post_process_referring_segmentation`]. `threshold` defaults to `self.mask_threshold`.
         """
-        threshold = self.mask_threshold if threshold is None else threshold
         return self.image_processor.post_process_referring_segmentation(outputs, target_sizes, threshold=threshold)
 
 

@@ -10,6 +10,13 @@ the same scope, and the model returns them as values. Under gradient checkpointi
 checkpoint, or a reentrant checkpoint would backpropagate into the text tower a second time when it replays a block:
 `checkpoint_with_words` wraps an adapted block's checkpoint function so that the words are passed to it as arguments
 and the router weights come back from it as outputs.
+
+Why a scope rather than keyword arguments through the backbone's forward (as CLIPSeg conditions its decoder):
+transformers' vision blocks (DINOv2, DINOv2 with registers, CLIP) forward their `**kwargs` to the attention only and
+call `self.mlp(hidden_states)` bare, and their encoders expect a block to return one tensor; words as arguments would
+mean re-implementing each backbone's block and encoder forward here, which ties SERA to transformers' internals
+release by release. Kwargs would not even make checkpointing simpler: `GradientCheckpointingLayer` binds them with
+`functools.partial`, so a reentrant checkpoint would still not see the words as inputs.
 """
 
 import threading
@@ -20,7 +27,12 @@ import torch
 from torch import nn
 
 from .sera_attention import SeraAttention
+from .sera_conv import conv_bn_relu
 from .sera_routing import SeraSoftRouter
+
+
+# The order of the adapter's routed experts in its router weights (SeraModelOutput.adapter_router_weights).
+ADAPTER_EXPERT_NAMES = ("spatial", "boundary")
 
 
 @dataclass
@@ -93,14 +105,6 @@ def checkpoint_with_words(checkpoint_function):
     return checkpoint_block
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
 class SeraMultiScaleEnrichment(nn.Module):
     """Densely connected 1x1, 3x3 and 5x5 branches whose concatenated outputs (d channels) are added to the grid.
 
@@ -112,7 +116,9 @@ class SeraMultiScaleEnrichment(nn.Module):
         super().__init__()
         widths = (dim // 2, dim // 4, dim - dim // 2 - dim // 4)
         self.branch_1x1 = conv_bn_relu(dim, widths[0], 1)
-        self.branch_3x3 = nn.Sequential(conv_bn_relu(dim + widths[0], widths[1], 1), conv_bn_relu(widths[1], widths[1], 3))
+        self.branch_3x3 = nn.Sequential(
+            conv_bn_relu(dim + widths[0], widths[1], 1), conv_bn_relu(widths[1], widths[1], 3)
+        )
         self.branch_5x5 = nn.Sequential(
             conv_bn_relu(dim + widths[0] + widths[1], widths[2], 1), conv_bn_relu(widths[2], widths[2], 5)
         )
@@ -124,27 +130,25 @@ class SeraMultiScaleEnrichment(nn.Module):
         return grid + torch.cat((out_1, out_3, out_5), dim=1)
 
 
-class SeraAdapterBoundaryExpert(nn.Module):
-    """`E_b = ReLU(BN(G + c * DWConv3x3(G)))`: sharpens local transitions."""
+class SeraAdapterDepthwiseExpert(nn.Module):
+    """What both routed experts of the adapter are made of: a depthwise 3x3 conv, a BatchNorm and a residual scale."""
 
     def __init__(self, dim: int, residual_scale: float):
         super().__init__()
         self.residual_scale = residual_scale
         self.depthwise = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm = nn.BatchNorm2d(dim)
+
+
+class SeraAdapterBoundaryExpert(SeraAdapterDepthwiseExpert):
+    """`E_b = ReLU(BN(G + c * DWConv3x3(G)))`: sharpens local transitions."""
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.norm(grid + self.residual_scale * self.depthwise(grid)))
 
 
-class SeraAdapterSpatialExpert(nn.Module):
+class SeraAdapterSpatialExpert(SeraAdapterDepthwiseExpert):
     """`E_s = ReLU(BN(DWConv3x3(G))) + c * G`: local spatial context with a skip."""
-
-    def __init__(self, dim: int, residual_scale: float):
-        super().__init__()
-        self.residual_scale = residual_scale
-        self.depthwise = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm = nn.BatchNorm2d(dim)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.norm(self.depthwise(grid))) + self.residual_scale * grid
@@ -174,13 +178,13 @@ class SeraAdapter(nn.Module):
         self.enrichment = SeraMultiScaleEnrichment(dim)
         self.spatial_expert = SeraAdapterSpatialExpert(dim, spatial_residual_scale)
         self.boundary_expert = SeraAdapterBoundaryExpert(dim, boundary_residual_scale)
-        self.router = SeraSoftRouter(dim, num_experts=2)  # weights ordered [spatial, boundary]
+        self.router = SeraSoftRouter(dim, num_experts=len(ADAPTER_EXPERT_NAMES))  # ADAPTER_EXPERT_NAMES order
         self.word_attention = SeraAttention(dim, num_heads, key_value_dim=text_hidden_size)
         self.up_proj = nn.Linear(dim, hidden_size)
 
     @classmethod
     def from_settings(cls, hidden_size: int, text_hidden_size: int, settings) -> "SeraAdapter":
-        """Build from any object carrying SeraConfig's `adapter_*` fields (SeraConfig, or the PEFT tuner config)."""
+        """Build from a SeraConfig (its `adapter_*` fields); the PEFT tuner passes one too."""
         return cls(
             hidden_size,
             text_hidden_size,
@@ -222,19 +226,30 @@ class SeraAdaptedMLP(nn.Module):
     """Takes the place of a vision block's `mlp`: `base_layer(x) + scale * adapter(x, words)`.
 
     The block calls `mlp(norm2(x))`, so `x` here is already the normalised input the design asks for. The words come
-    from the current `sera_vision_scope`, where the router weights go too.
+    from the current `sera_vision_scope`, where the router weights go too. This forward is the one implementation of
+    an adapted MLP: the PEFT tuner's `SeraAdapterLayer` is a subclass that only says which adapters are active.
     """
 
     reads_sera_words = True
 
-    def __init__(self, base_layer: nn.Module, adapter: SeraAdapter, scale: float):
+    def __init__(self, base_layer: nn.Module, adapter: nn.Module, scale):
         super().__init__()
         self.base_layer = base_layer
         self.sera_adapter = adapter
         self.scale = scale
 
+    def active_sera_adapters(self) -> list[tuple[SeraAdapter, float]]:
+        """The (adapter, scale) pairs that take part in the forward pass: here the one adapter."""
+        return [(self.sera_adapter, self.scale)]
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output = self.base_layer(hidden_states)
+        active = self.active_sera_adapters()
+        if not active:
+            return output
         scope = current_vision_scope()
-        adapter_output, router_weights = self.sera_adapter(hidden_states, scope.context)
-        scope.router_weights[id(self)] = router_weights
-        return self.base_layer(hidden_states) + self.scale * adapter_output
+        for adapter, scale in active:
+            adapter_output, router_weights = adapter(hidden_states, scope.context)
+            scope.router_weights[id(self)] = router_weights
+            output = output + scale * adapter_output
+        return output

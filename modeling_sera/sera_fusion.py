@@ -8,7 +8,6 @@ an expert are run through it, so K < 4 also saves compute.
 import torch
 from torch import nn
 from torch.nn import functional as F
-
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .sera_attention import SeraAttention
@@ -157,7 +156,7 @@ class SeraFusion(nn.Module):
 
     @classmethod
     def from_settings(cls, channels: int, settings, sentence_dim: int) -> "SeraFusion":
-        """Build from any object carrying SeraConfig's `fusion_*` fields (SeraConfig, or the PEFT tuner config);
+        """Build from any object carrying SeraConfig's `fusion_*` fields (a SeraConfig, as the PEFT tuner passes too);
         `sentence_dim` is the width of the sentence feature, read by the router if `fusion_router_sentence`."""
         return cls(
             channels,

@@ -3,19 +3,11 @@
 import torch
 from torch import nn
 from torch.nn import functional as F
-
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .sera_attention import SeraAttention
+from .sera_conv import conv_bn_relu
 from .sera_positions import normalized_coordinates, sine_position_encoding_1d, sine_position_encoding_2d
-
-
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
 
 
 class SeraNeck(nn.Module):
@@ -108,19 +100,28 @@ class SeraDecoder(nn.Module):
 
 
 class SeraProjector(nn.Module):
-    """Upsamples the grid x4 and convolves it with a kernel generated from the sentence: 1-channel mask logits."""
+    """Upsamples the grid (x4 in DETRIS) and convolves it with a kernel generated from the sentence: mask logits.
 
-    def __init__(self, hidden_size: int, projector_dim: int, sentence_dim: int, kernel_size: int):
+    Each factor of 2 is a bilinear x2 followed by a 3x3 conv-BN-ReLU; the last of them narrows to `projector_dim`, and
+    a 1x1 conv follows. With `upsample_factor=1` a single 3x3 conv-BN-ReLU narrows the grid in place.
+    """
+
+    def __init__(
+        self, hidden_size: int, projector_dim: int, sentence_dim: int, kernel_size: int, upsample_factor: int = 4
+    ):
         super().__init__()
         self.kernel_size = kernel_size
         self.projector_dim = projector_dim
-        self.upsample = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            conv_bn_relu(hidden_size, hidden_size, 3),
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            conv_bn_relu(hidden_size, projector_dim, 3),
-            nn.Conv2d(projector_dim, projector_dim, 1),
-        )
+        num_stages = {1: 0, 2: 1, 4: 2}[upsample_factor]
+        layers: list[nn.Module] = []
+        for stage in range(num_stages):
+            layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            out_channels = projector_dim if stage == num_stages - 1 else hidden_size
+            layers.append(conv_bn_relu(hidden_size, out_channels, 3))
+        if num_stages == 0:
+            layers.append(conv_bn_relu(hidden_size, projector_dim, 3))
+        layers.append(nn.Conv2d(projector_dim, projector_dim, 1))
+        self.upsample = nn.Sequential(*layers)
         self.kernel_generator = nn.Linear(sentence_dim, projector_dim * kernel_size * kernel_size + 1)
 
     def forward(self, grid: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,7 @@ def sine_position_encoding_2d(height: int, width: int, channels: int, device, dt
     if channels % 4:
         raise ValueError(f"2-D sine position encoding needs a channel count divisible by 4, got {channels}.")
     quarter = channels // 4
-    frequencies = torch.exp(
-        torch.arange(quarter, device=device, dtype=torch.float32) * (-math.log(10000.0) / quarter)
-    )
+    frequencies = torch.exp(torch.arange(quarter, device=device, dtype=torch.float32) * (-math.log(10000.0) / quarter))
     ys = torch.arange(height, device=device, dtype=torch.float32)[:, None] * frequencies[None]
     xs = torch.arange(width, device=device, dtype=torch.float32)[:, None] * frequencies[None]
     y_code = torch.cat((ys.sin(), ys.cos()), dim=-1)[:, None, :].expand(height, width, 2 * quarter)

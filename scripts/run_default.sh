@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet torch==2.13.0
-python -m pip install --quiet -e .
+python -m pip install --quiet -c constraints.txt torch  # the pinned CPU build first (see scripts/run_tests.sh)
+python -m pip install --quiet -c constraints.txt -e .
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no training/train.py "$@"

@@ -2,16 +2,14 @@
 finished run, and the arithmetic of its tables."""
 
 import statistics
-import sys
 
 import pytest
-from conftest import REPO_ROOT
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from modeling_sera import SeraConfig
+from tests.helpers import load_script
 
-import accuracy_ablations  # noqa: E402
 
-from modeling_sera import SeraConfig  # noqa: E402
+accuracy_ablations = load_script("benchmarks/accuracy_ablations.py")
 
 
 def test_rows_cover_the_issue_and_quick_keeps_three():

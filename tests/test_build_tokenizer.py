@@ -1,15 +1,13 @@
 import re
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer, CLIPTokenizer
 
+from sera_training.build_tokenizer import build_clip_tokenizer, byte_level_base_vocabulary, main
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "training"))
-
-from build_tokenizer import build_clip_tokenizer, byte_level_base_vocabulary, main  # noqa: E402
 
 
 CORPUS = [

@@ -14,25 +14,19 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
 from huggingface_hub import HfApi
 from PIL import Image, ImageDraw
 
 from modeling_sera import ReferringImageSegmentationPipeline, SeraConfig, SeraForReferringSegmentation, SeraProcessor
 from modeling_sera.cli import OUTLINE, PANEL_WIDTH, draw_overlay, main
-
-
-TINY_HUB_CONFIG = REPO_ROOT / "hub_configs" / "sera-synthref-tiny"
+from sera_training.export import save_untrained_model
+from tests.helpers import REPO_ROOT, TINY_HUB_CONFIG
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SeraForReferringSegmentation(SeraConfig.from_pretrained(TINY_HUB_CONFIG)).eval()
-    processor = SeraProcessor.from_pretrained(TINY_HUB_CONFIG)
     folder = tmp_path_factory.mktemp("cli") / "sera-tiny"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_untrained_model(folder, TINY_HUB_CONFIG)
     return folder
 
 
@@ -173,6 +167,8 @@ def test_bad_input_is_one_line_that_says_what_to_do(case, message, model_folder,
 def test_console_script_is_declared():
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["sera-predict"] == "modeling_sera.cli:main"
+    assert scripts["sera-train"] == "sera_training.train:main"
+    assert scripts["sera-evaluate"] == "sera_training.evaluation:main"
 
 
 def test_an_image_smaller_than_2x2_is_one_line_at_its_cause(model_folder, tmp_path):
@@ -220,7 +216,7 @@ def hub_client(hub, cache_dir):
 @pytest.fixture(scope="module")
 def hub_repo(tmp_path_factory):
     """A repo with two commits of different random weights: (hub, [first commit id, second commit id], cache)."""
-    from hub_server import HubServer
+    from tests.helpers.hub_server import HubServer
 
     root = tmp_path_factory.mktemp("cli_hub")
     with HubServer(token="hf_test_token") as hub:
@@ -286,9 +282,10 @@ def test_revision_with_a_local_folder_is_refused(model_folder, image_path):
 def test_evaluate_py_takes_a_hub_repo_id_and_revision(hub_repo, tmp_path):
     # training/evaluate.py loads through the same function: the scores of the first commit are those of its weights.
     import datasets
-    from evaluation import evaluate_referring_segmentation
-    from evaluation import main as evaluate_main
-    from synthetic_data import SynthRefConfig, write_dataset
+
+    from sera_training.evaluation import evaluate_referring_segmentation
+    from sera_training.evaluation import main as evaluate_main
+    from sera_training.synthetic_data import SynthRefConfig, write_dataset
 
     hub, commits, cache = hub_repo
     write_dataset(SynthRefConfig(seed=5, num_images=(("train", 1), ("test", 1))), tmp_path / "data")

@@ -1,24 +1,19 @@
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from coco_fixtures import column_major_runs, rectangle_polygon
-from coco_fixtures import rectangle_mask as rectangles_mask
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-
-from coco_masks import (  # noqa: E402
+from sera_training.coco_masks import (
     DegeneratePolygonError,
     MaskDecodeError,
     _compressed_runs,
     decode_segmentation,
     mask_to_image,
 )
+from tests.helpers.coco_fixtures import column_major_runs, rectangle_polygon
+from tests.helpers.coco_fixtures import rectangle_mask as rectangles_mask
 
 
 HEIGHT, WIDTH = 12, 16

@@ -6,35 +6,27 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers import pipeline
 
-from modeling_sera import SeraConfig, SeraForReferringSegmentation, SeraProcessor
+from modeling_sera import SeraForReferringSegmentation, SeraProcessor
+from sera_training.export import save_untrained_model
+from tests.helpers import TINY_HUB_CONFIG, images
 
 
-TINY_HUB_CONFIG = REPO_ROOT / "hub_configs" / "sera-synthref-tiny"
 EXPRESSIONS = ["the red circle", "the blue square on the right", "left", "the big shape not red"]
 THREADS = 4
 ROUNDS = 3
 
 
 def scene(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(120, 230, (height, width, 3), dtype=np.uint8))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((width * 0.1, height * 0.3, width * 0.4, height * 0.8), fill=(220, 30, 30))
-    draw.rectangle((width * 0.6, height * 0.2, width * 0.9, height * 0.7), fill=(30, 60, 220))
-    return image
+    return images.scene(width, height, seed, lowest=120)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SeraForReferringSegmentation(SeraConfig.from_pretrained(TINY_HUB_CONFIG)).eval()
     folder = tmp_path_factory.mktemp("served") / "sera"
-    model.save_pretrained(folder)
-    SeraProcessor.from_pretrained(TINY_HUB_CONFIG).save_pretrained(folder)
+    save_untrained_model(folder, TINY_HUB_CONFIG)
     return folder
 
 

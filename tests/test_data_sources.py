@@ -9,8 +9,9 @@ import types
 
 import pytest
 
-import data_sources
-from data_sources import DataSource, load_examples, parse_source
+import sera_training
+from sera_training import data_sources
+from sera_training.data_sources import DataSource, load_examples, parse_source
 
 
 BENCHMARK_SPLITS = ("refcoco_unc_val", "refcoco_unc_testA")
@@ -38,7 +39,8 @@ def loader_calls(monkeypatch):
         load_hub_refcoco_benchmark=record("benchmark"),
     )
     for name, module in (("synthetic_data", synthetic), ("refer_data", refer), ("hub_data", hub)):
-        monkeypatch.setitem(sys.modules, name, module)
+        monkeypatch.setitem(sys.modules, f"sera_training.{name}", module)
+        monkeypatch.setattr(sera_training, name, module, raising=False)
     return calls
 
 
@@ -92,7 +94,7 @@ def test_hub_sources(loader_calls, tmp_path):
 
 
 def test_hub_mirror_without_images_needs_coco_folder(loader_calls):
-    with pytest.raises(ValueError, match="--coco-image-dir"):
+    with pytest.raises(ValueError, match="--coco_image_dir"):
         load_examples("jxu124/refcoco", "val")
     assert loader_calls == []
 

@@ -15,10 +15,11 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
 from PIL import Image, ImageDraw
 
 from modeling_sera import SeraConfig, SeraForReferringSegmentation, SeraProcessor
+from tests.helpers import REPO_ROOT, TINY_HUB_CONFIG
+
 
 gradio = pytest.importorskip("gradio", reason="gradio is not installed: pip install -e '.[demo]'")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install selenium")
@@ -29,11 +30,11 @@ if CHROMIUM is None or CHROMEDRIVER is None:
         "headless Chromium is not installed: apt-get install -y chromium chromium-driver", allow_module_level=True
     )
 
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.common.by import By  # noqa: E402  (after the skips: selenium may be absent)
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-TINY_HUB_CONFIG = REPO_ROOT / "hub_configs" / "sera-synthref-tiny"
+
 EXPRESSIONS = ["the red circle", "the blue square on the right"]
 # Where to copy the screenshot as well (the README's picture): SERA_DEMO_SCREENSHOT=docs/demo_screenshot.png.
 SCREENSHOT_COPY = os.environ.get("SERA_DEMO_SCREENSHOT")
@@ -170,11 +171,16 @@ def test_the_model_comes_from_the_environment_or_the_default_run(monkeypatch, tm
         app.parse_expressions(" \n ")
 
 
-def test_gradio_is_an_optional_extra_pinned_to_the_tested_version():
+def test_gradio_is_an_optional_extra_whose_range_holds_the_tested_version_pinned_in_the_constraints():
     import tomllib
 
+    from packaging.requirements import Requirement
+
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert extras["demo"] == [f"gradio=={gradio.__version__}"]
+    (requirement,) = [Requirement(entry) for entry in extras["demo"]]
+    assert requirement.name == "gradio" and requirement.specifier.contains(gradio.__version__)
+    constraints = (REPO_ROOT / "constraints.txt").read_text().splitlines()
+    assert f"gradio=={gradio.__version__}" in constraints
     front_matter = (REPO_ROOT / "demo" / "README.md").read_text().split("---")[1]
     assert "sdk: gradio" in front_matter and f"sdk_version: {gradio.__version__}" in front_matter
     assert "app_file: app.py" in front_matter

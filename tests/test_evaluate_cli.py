@@ -1,4 +1,4 @@
-"""Tests for the evaluation loop, the report formatting and the command line (training/evaluation.py, evaluate.py).
+"""Tests for the evaluation loop, the report formatting and the command line (sera_training/evaluation.py).
 
 A stand-in model and processor implement SERA's interface with a rule that is trivial to predict: the model's mask
 logits are the red channel, so the predicted mask of every image is exactly where the image is red. The expected
@@ -8,99 +8,16 @@ scores are then computed directly from the rectangles drawn in the images and ma
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import evaluate
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import evaluation
-from data_schema import EXAMPLE_FEATURES
-
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class RedChannelModel(torch.nn.Module):
-    """Mask logits = red channel (in [0, 1]) mapped to [-1, 1]: a pixel is foreground exactly when it is red."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones(()))
-        self.seen_batch_sizes = []
-
-    def forward(self, pixel_values, input_ids, attention_mask):  # only the keys SERA's forward accepts
-        assert input_ids.shape == attention_mask.shape and len(input_ids) == len(pixel_values)
-        self.seen_batch_sizes.append(len(pixel_values))
-        return type("Output", (), {"logits": self.scale * (2 * pixel_values[:, :1] - 1)})()
-
-
-class PaddingProcessor:
-    """SERA's processor interface: pads a batch to its largest image, crops back in post-processing."""
-
-    def __call__(self, images, text, return_tensors="pt"):
-        assert return_tensors == "pt" and len(images) == len(text)
-        height = max(image.height for image in images)
-        width = max(image.width for image in images)
-        pixel_values = torch.zeros(len(images), 3, height, width)
-        for index, image in enumerate(images):
-            assert image.mode == "RGB"
-            array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
-            pixel_values[index, :, : image.height, : image.width] = array
-        lengths = [len(expression.split()) for expression in text]
-        attention_mask = torch.tensor([[1] * n + [0] * (max(lengths) - n) for n in lengths])
-        return {
-            "pixel_values": pixel_values,
-            "input_ids": attention_mask * 7,
-            "attention_mask": attention_mask,
-            "original_sizes": torch.tensor([[image.height, image.width] for image in images]),
-            "letterbox_offsets": torch.zeros(len(images), 2),  # extra key the model must not receive
-        }
-
-    def post_process_referring_segmentation(self, outputs, target_sizes):
-        return [
-            {"mask": logits[0, :height, :width] > 0, "score": 1.0}
-            for logits, (height, width) in zip(outputs.logits, target_sizes.tolist())
-        ]
-
-
-def rectangle_mask(height, width, box):
-    top, left, bottom, right = box
-    mask = np.zeros((height, width), dtype=bool)
-    mask[top:bottom, left:right] = True
-    return mask
-
-
-# (height, width, red box in the image = the prediction, reference box, category); boxes are (top, left, bottom, right)
-EXAMPLES = [
-    (20, 30, (2, 3, 12, 13), (2, 3, 12, 13), "attribute"),  # perfect
-    (24, 18, (0, 0, 10, 10), (5, 5, 15, 15), "relation"),  # IoU 25 / 175
-    (16, 16, (4, 4, 12, 12), (4, 4, 12, 10), "attribute"),  # IoU 48 / 64 = 0.75
-    (30, 25, (0, 0, 0, 0), (3, 3, 9, 9), "location"),  # empty prediction
-    (12, 40, (1, 1, 11, 39), (1, 1, 11, 30), "relation"),  # IoU 290 / 380
-    (18, 22, (3, 3, 9, 9), (0, 0, 0, 0), ""),  # empty reference, no category
-    (25, 25, (5, 5, 20, 20), (6, 6, 20, 20), "attribute"),  # IoU 196 / 225
-]
-
-
-def build_dataset(with_categories=True):
-    rows = {name: [] for name in EXAMPLE_FEATURES}
-    for index, (height, width, red_box, reference_box, category) in enumerate(EXAMPLES):
-        image = np.full((height, width, 3), 40, dtype=np.uint8)
-        image[..., 0][rectangle_mask(height, width, red_box)] = 230
-        rows["image"].append(Image.fromarray(image))
-        rows["mask"].append(Image.fromarray(rectangle_mask(height, width, reference_box).astype(np.uint8) * 255))
-        rows["expression"].append("the red box " * (index % 3 + 1))
-        rows["category"].append(category if with_categories else "")
-        rows["image_id"].append(index)
-        rows["object_id"].append(index)
-        rows["ref_id"].append(index)
-        rows["sentence_id"].append(index)
-        rows["source"].append("test")
-    return datasets.Dataset.from_dict(rows, features=EXAMPLE_FEATURES)
+from sera_training import evaluation
+from tests.helpers import REPO_ROOT
+from tests.helpers.stand_ins import EXAMPLES, PaddingProcessor, RedChannelModel, build_dataset, rectangle_mask
 
 
 def expected_iou_scores(examples):
@@ -301,14 +218,20 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         evaluation.load_model_and_processor(tmp_path)
 
 
-def test_import_evaluate_gets_the_library_even_with_training_on_sys_path():
-    # Scripts in training/ run with that folder first on sys.path, where training/evaluate.py shadows the library.
-    code = (
-        "import sys; sys.path.insert(0, 'training'); import evaluate; "
-        "assert hasattr(evaluate, 'Metric') and hasattr(evaluate, 'load'), evaluate.__file__"
+def test_the_evaluation_entry_point_runs_and_no_script_shadows_a_library(tmp_path):
+    # training/evaluate.py once shadowed the `evaluate` library whenever training/ was on sys.path (it is first when
+    # a script there runs) and swapped itself out of sys.modules. The entry point is training/evaluate_model.py now,
+    # and no script in training/ has the name of a module that the interpreter could import otherwise.
+    assert not (REPO_ROOT / "training" / "evaluate.py").exists()
+    names = sorted(path.stem for path in (REPO_ROOT / "training").glob("*.py"))
+    code = f"import importlib.util, sys; print([n for n in {names!r} if importlib.util.find_spec(n) is not None])"
+    completed = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.strip() == "[]", completed.stdout + completed.stderr
+    completed = subprocess.run(
+        [sys.executable, "training/evaluate_model.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True
     )
-    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert completed.returncode == 0, completed.stderr
+    assert completed.returncode == 0 and "usage: sera-evaluate" in completed.stdout, completed.stderr
+    assert "--dataset" in completed.stdout and "--coco_image_dir" in completed.stdout
 
 
 def test_an_unknown_split_is_one_line_that_lists_the_splits(tmp_path, monkeypatch):
@@ -322,8 +245,7 @@ def test_an_unknown_split_is_one_line_that_lists_the_splits(tmp_path, monkeypatc
         evaluation.main(argv)
     error = raised.value.code
     assert error == (
-        f"training/evaluate.py: error: --split tesA: {tmp_path / 'data'} has no split 'tesA'; "
-        "its splits are: val, testA."
+        f"sera-evaluate: error: --split tesA: {tmp_path / 'data'} has no split 'tesA'; its splits are: val, testA."
     )
     assert not loaded  # the splits are checked before the model is loaded
 
@@ -333,7 +255,7 @@ def test_evaluate_py_reports_a_bad_model_in_one_line(tmp_path, capsys):
     datasets.DatasetDict({"val": build_dataset()}).save_to_disk(str(tmp_path / "data"))
     with pytest.raises(SystemExit) as raised:
         evaluation.main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--split", "val"])
-    assert raised.value.code.startswith("training/evaluate.py: error: ") and "has no config.json" in raised.value.code
+    assert raised.value.code.startswith("sera-evaluate: error: ") and "has no config.json" in raised.value.code
     with pytest.raises(SystemExit):
         evaluation.parse_args(
             ["--model", str(tmp_path / "model"), "--revision", "v1", "--data", "synthref", "--split", "x"]

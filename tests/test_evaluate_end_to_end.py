@@ -1,4 +1,4 @@
-"""training/evaluate.py end to end: a real (tiny, untrained) SERA folder, real synthetic data saved to disk, the CLI
+"""training/evaluate_model.py end to end: a real (tiny, untrained) SERA folder, real synthetic data saved to disk, the CLI
 in a subprocess, and the numbers checked against a direct computation with the model and processor."""
 
 import json
@@ -8,14 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
-from evaluation import evaluate_referring_segmentation
-from synthetic_data import SynthRefConfig, write_dataset
 
 from modeling_sera import SeraConfig, SeraForReferringSegmentation, SeraProcessor
-
-
-TINY_HUB_CONFIG = REPO_ROOT / "hub_configs" / "sera-synthref-tiny"
+from sera_training.evaluation import evaluate_referring_segmentation
+from sera_training.synthetic_data import SynthRefConfig, write_dataset
+from tests.helpers import REPO_ROOT, TINY_HUB_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +34,30 @@ def test_cli_scores_every_expression_and_matches_a_direct_computation(model_dir_
     card = root / "README.md"
     card.write_text("# tiny SERA\n")
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "training" / "evaluate.py"), "--model", str(root / "model"),
-         "--data", str(root / "data"), "--split", "test", "--split", "test_unseen", "--output", str(output),
-         "--model-card", str(card), "--batch-size", "3", "--device", "cpu", "--no-progress"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO_ROOT / "training" / "evaluate_model.py"),
+            "--model",
+            str(root / "model"),
+            "--data",
+            str(root / "data"),
+            "--split",
+            "test",
+            "--split",
+            "test_unseen",
+            "--output",
+            str(output),
+            "--model-card",
+            str(card),
+            "--batch-size",
+            "3",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mIoU" in result.stdout and "oIoU" in result.stdout and "test_unseen" in result.stdout

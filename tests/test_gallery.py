@@ -3,12 +3,12 @@ at the end of a run) and the validation plot train.py writes next to its TensorB
 
 import json
 
-import evaluation
-import gallery
 import numpy as np
 import pytest
 from PIL import Image
-from test_evaluate_cli import EXAMPLES, PaddingProcessor, RedChannelModel, build_dataset
+
+from sera_training import evaluation, gallery
+from tests.helpers.stand_ins import EXAMPLES, PaddingProcessor, RedChannelModel, build_dataset
 
 
 def records_of(ious_by_category):
@@ -162,7 +162,7 @@ def test_validation_plot_has_one_line_per_category_and_one_overall(tmp_path):
 
 
 def test_train_py_writes_a_gallery_per_test_split_and_the_validation_plot(tmp_path):
-    from test_train import check_ok, launch
+    from tests.helpers.training_runs import check_ok, launch
 
     output_dir = tmp_path / "run"
     options = (

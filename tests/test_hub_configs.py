@@ -5,9 +5,9 @@ tokens). The tiny default run keeps the paper's optimizer and batch but not its 
 import json
 
 import pytest
-from conftest import REPO_ROOT
 
 from modeling_sera import SeraConfig
+from tests.helpers import REPO_ROOT
 
 
 HUB_CONFIGS = REPO_ROOT / "hub_configs"
@@ -22,12 +22,12 @@ PAPER_CHECKPOINTS = {
 
 @pytest.mark.parametrize("name", [*PAPER_CHECKPOINTS, "sera-synthref-tiny"])
 def test_every_published_folder_has_a_config_and_a_recipe_train_py_accepts(name):
-    import train
+    from sera_training.arguments import parse_args
 
     config = SeraConfig.from_pretrained(HUB_CONFIGS / name)
-    args = train.parse_args(["--config_name", str(HUB_CONFIGS / name)])
+    args = parse_args(["--config_name", str(HUB_CONFIGS / name)])
     assert args.optimizer == "adam" and args.lr_gamma == 0.1
-    assert args.learning_rate == (3e-4 if name == "sera-synthref-tiny" else 1e-4)
+    assert args.learning_rate == (1e-3 if name == "sera-synthref-tiny" else 1e-4)
     assert args.per_device_train_batch_size == 16 and args.horizontal_flip_probability == 0.0
     assert config.use_sera_adapter and config.use_sera_fusion and config.fusion_top_k == 4
 

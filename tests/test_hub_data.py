@@ -1,6 +1,5 @@
 import io
 import json
-import sys
 from pathlib import Path
 
 import datasets
@@ -8,19 +7,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from datasets import List, Value
-from coco_fixtures import column_major_runs, rectangle_mask, rectangle_polygon
 from PIL import Image
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-
-from data_schema import EXAMPLE_FEATURES  # noqa: E402
-from hub_data import (  # noqa: E402
+from sera_training.data_schema import EXAMPLE_FEATURES
+from sera_training.hub_data import (
     BENCHMARK_SPLITS,
     load_hub_refcoco,
     load_hub_refcoco_benchmark,
     parquet_files_by_split,
 )
+from tests.helpers.coco_fixtures import column_major_runs, rectangle_mask, rectangle_polygon
 
 
 # The column schemas of the Hub repos, as their dataset cards (README.md `dataset_info`) declare them.
@@ -105,8 +101,15 @@ def sentences(ref_id, *texts):
 
 
 def annotation(ann_id, image_id, segmentation):
-    return {"id": ann_id, "image_id": image_id, "category_id": 1, "segmentation": segmentation, "area": 1.0,
-            "bbox": [0.0, 0.0, 1.0, 1.0], "iscrowd": int(isinstance(segmentation, dict))}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": 1,
+        "segmentation": segmentation,
+        "area": 1.0,
+        "bbox": [0.0, 0.0, 1.0, 1.0],
+        "iscrowd": int(isinstance(segmentation, dict)),
+    }
 
 
 SIZES = {1: (30, 40), 2: (24, 32), 8: (20, 20)}  # (height, width)
@@ -172,8 +175,15 @@ def refcoco_mirror(tmp_path_factory):
             mirror_row(4, 104, 5, "val", ["lost"], [rectangle_polygon(1, 1, 5, 5)]),
             mirror_row(5, 105, 1, "val", ["garbled"], None, raw_anns="{not json"),
             # No file_name in raw_image_info: the image is found by COCO's own naming.
-            mirror_row(6, 106, 8, "val", ["the crowd"], {"size": [20, 20], "counts": column_major_runs(CROWD)},
-                       image_info={"id": 8, "height": 20, "width": 20}),
+            mirror_row(
+                6,
+                106,
+                8,
+                "val",
+                ["the crowd"],
+                {"size": [20, 20], "counts": column_major_runs(CROWD)},
+                image_info={"id": 8, "height": 20, "width": 20},
+            ),
         ],
         "test": [mirror_row(7, 101, 1, "testA", ["man in testA"], [rectangle_polygon(5, 5, 15, 20)])],
         "testB": [mirror_row(8, 102, 2, "testB", ["parts in testB"], [rectangle_polygon(0, 0, 4, 4)])],
@@ -261,7 +271,8 @@ def test_a_folder_of_the_wrong_schema_is_refused(tmp_path, coco_dir, cache_dir):
 
 def test_all_bad_split_raises(tmp_path, coco_dir, cache_dir):
     folder = write_parquet_splits(
-        tmp_path / "bad", {"validation": [mirror_row(1, 1, 5, "val", ["lost"], [rectangle_polygon(1, 1, 5, 5)])]},
+        tmp_path / "bad",
+        {"validation": [mirror_row(1, 1, 5, "val", ["lost"], [rectangle_polygon(1, 1, 5, 5)])]},
         MIRROR_FEATURES,
     )
     with pytest.raises(ValueError, match="no usable records.*1 x missing image file"):
@@ -294,8 +305,10 @@ def test_parquet_files_are_grouped_by_split_in_every_hub_layout(tmp_path):
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).touch()
-    grouped = {split: [path.relative_to(tmp_path).as_posix() for path in paths]
-               for split, paths in parquet_files_by_split(tmp_path).items()}
+    grouped = {
+        split: [path.relative_to(tmp_path).as_posix() for path in paths]
+        for split, paths in parquet_files_by_split(tmp_path).items()
+    }
     assert grouped == {
         "train": names[:2],
         "refcoco_unc_testA": [names[2]],

@@ -1,5 +1,4 @@
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,11 +6,10 @@ import PIL.Image
 import pytest
 import torch
 
+from modeling_sera.image_processing_sera import SeraImageProcessor, letterbox_geometry
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from modeling_sera.image_processing_sera import SeraImageProcessor, letterbox_geometry  # noqa: E402
 
 
 SIDE = 128  # the tiny model's letterbox
@@ -129,7 +127,7 @@ def test_pil_modes_match_rgb_equivalent(processor, rgb_array):
     cmyk = rgb.convert("CMYK")
     torch.testing.assert_close(pixels(processor, cmyk), pixels(processor, cmyk.convert("RGB")))
 
-    binary = (gray_array > 127)
+    binary = gray_array > 127
     binary_as_gray = pixels(processor, np.where(binary, 255, 0).astype(np.uint8))
     torch.testing.assert_close(pixels(processor, PIL.Image.fromarray(binary)), binary_as_gray)
 

@@ -4,11 +4,11 @@ method is the default and the old behaviour an option. Each test fails on the ol
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_batch, tiny_sera_config
 
 from modeling_sera import SeraConfig, SeraForReferringSegmentation, SeraImageProcessor
 from modeling_sera.image_processing_sera import letterbox_geometry
 from modeling_sera.sera_routing import router_balance_loss, router_entropy_loss
+from tests.helpers import tiny_batch, tiny_sera_config
 
 
 def test_default_levels_are_taken_after_0_based_blocks_4_and_8_as_in_detris():

@@ -1,16 +1,10 @@
 """SeraConfig / SeraModel / SeraForReferringSegmentation: shapes, losses, ablation switches, loading, dtypes."""
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import textwrap
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_IMAGE_SIZE, TINY_TEXT_VOCAB, tiny_batch, tiny_sera_config
-from cross_process import ASSERT_LOGITS_CLOSE
 
 from modeling_sera import SeraConfig, SeraForReferringSegmentation
 from modeling_sera.sera_fusion import (
@@ -23,6 +17,8 @@ from modeling_sera.sera_fusion import (
     SOBEL_Y,
     fixed_filter_stack,
 )
+from tests.helpers import REPO_ROOT, TINY_IMAGE_SIZE, TINY_TEXT_VOCAB, tiny_batch, tiny_sera_config
+from tests.helpers.cross_process import ASSERT_LOGITS_CLOSE, run_in_fresh_process
 
 
 def build(seed: int = 0, **overrides) -> SeraForReferringSegmentation:
@@ -274,10 +270,24 @@ def test_default_config_is_the_papers_real_size_model():
 @pytest.mark.parametrize(
     "vision_config",
     [
-        dict(model_type="dinov2", hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2,
-             patch_size=4, image_size=32),
-        dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-             num_attention_heads=2, patch_size=4, image_size=32),
+        dict(
+            model_type="dinov2",
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            patch_size=4,
+            image_size=32,
+        ),
+        dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            patch_size=4,
+            image_size=32,
+        ),
     ],
 )
 def test_other_vision_backbones(vision_config):
@@ -442,7 +452,7 @@ def test_remote_code_load_in_a_fresh_process_without_the_package(tmp_path):
         f"""
         import sys, torch
         from transformers import AutoModel, AutoModelForImageSegmentation
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
         for auto_class in (AutoModel, AutoModelForImageSegmentation):
             model = auto_class.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
             assert type(model).__name__ == "SeraForReferringSegmentation", type(model)
@@ -450,23 +460,13 @@ def test_remote_code_load_in_a_fresh_process_without_the_package(tmp_path):
             with torch.no_grad():
                 logits = model(**expected["batch"]).logits
             reference = expected["reference"]
-            {ASSERT_LOGITS_CLOSE}  # fp32 bounds: see tests/cross_process.py
+            {ASSERT_LOGITS_CLOSE}  # fp32 bounds: see tests/helpers/cross_process.py
         assert not any(name.startswith("modeling_sera") for name in sys.modules), "the package was imported"
         print("REMOTE-CODE-OK")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=tempfile.mkdtemp(dir=tmp_path), HF_HUB_OFFLINE="1")
     # Run from an empty folder; the script checks that only the copied remote code was imported.
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert "REMOTE-CODE-OK" in result.stdout, result.stderr[-3000:]
+    run_in_fresh_process(script, tmp_path, "REMOTE-CODE-OK")
 
 
 def draw_overfit_samples():
@@ -569,7 +569,10 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(use_reen
     model = build(fusion_router_noise_std=0.0).train()
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    batch, labels = tiny_batch(2), torch.rand(2, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    batch, labels = (
+        tiny_batch(2),
+        torch.rand(2, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(0)),
+    )
     model(**batch, labels=labels).loss.backward()
     expected = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
     model.zero_grad(set_to_none=True)

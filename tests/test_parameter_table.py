@@ -3,13 +3,12 @@
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
-
 from modeling_sera import SeraConfig
+from tests.helpers import REPO_ROOT, load_script
 
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from parameter_table import backbone_trainable_share, parameter_table  # noqa: E402
+backbone_trainable_share = load_script("benchmarks/parameter_table.py").backbone_trainable_share
+parameter_table = load_script("benchmarks/parameter_table.py").parameter_table
 
 
 def test_real_size_backbone_share_trainable_is_under_one_percent():
@@ -32,7 +31,10 @@ def test_baseline_config_has_no_sera_parameters():
 def test_script_prints_the_table():
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "parameter_table.py")],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     assert "| SERA-Fusion |" in result.stdout
     assert "Backbone parameters trainable" in result.stdout

@@ -9,20 +9,20 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_batch, tiny_sera_config
-from cross_process import ASSERT_LOGITS_CLOSE
 from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from safetensors import safe_open
 
-from modeling_sera import SeraConfig, SeraForReferringSegmentation, SeraTunerConfig, SeraTunerModel
-from modeling_sera.peft_sera_config import SERA_ADAPTER_FIELDS, SERA_FUSION_FIELDS
+from modeling_sera import SeraForReferringSegmentation, SeraTunerConfig, SeraTunerModel
 from modeling_sera.peft_sera_layer import SeraAdapterLayer, SeraFusionLayer, SeraLayer
 from modeling_sera.sera_adapter import SeraAdaptedMLP
 from modeling_sera.sera_fusion import SeraFusion
+from tests.helpers import REPO_ROOT, tiny_batch, tiny_sera_config
+from tests.helpers.cross_process import ASSERT_LOGITS_CLOSE
 
 
 # PeftModel reads transformers' deprecated `is_gradient_checkpointing`; that is between peft and transformers.
@@ -109,7 +109,7 @@ def test_sera_is_a_registered_peft_type_and_its_config_round_trips(tmp_path):
     assert PEFT_TYPE_TO_CONFIG_MAPPING["SERA"] is SeraTunerConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING["SERA"] is SeraTunerModel
     assert PEFT_TYPE_TO_PREFIX_MAPPING["SERA"] == "sera_"
-    config = tiny_tuner_config(fusion_top_k=2, train_head=False)
+    config = tiny_tuner_config(fusion_top_k=2, train_head_in_place=False)
     assert config.peft_type == "SERA" and config.peft_type.value == "SERA"
     config.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "SERA"
@@ -118,11 +118,40 @@ def test_sera_is_a_registered_peft_type_and_its_config_round_trips(tmp_path):
     assert reloaded.to_dict() == config.to_dict()
 
 
-def test_tuner_defaults_mirror_sera_config():
-    tuner, sera = SeraTunerConfig(), SeraConfig()
-    for name in SERA_ADAPTER_FIELDS + SERA_FUSION_FIELDS:
-        assert getattr(tuner, name) == getattr(sera, name), name
-    assert tuner.train_encoder_norms_and_biases and tuner.train_head
+def test_tuner_config_holds_only_what_differs_and_reads_the_rest_from_the_base_model():
+    tuner = SeraTunerConfig(adapter_dim=8)  # a SeraConfig field, given directly
+    assert tuner.sera_settings == {"adapter_dim": 8}
+    assert tuner.train_encoder_norms_and_biases_in_place and tuner.train_head_in_place
+    get_peft_model(build_baseline(), tuner)
+    # Injection writes the modules' settings down in full: the base model's, with the tuner's on top.
+    assert tuner.sera_settings["adapter_dim"] == 8
+    assert tuner.sera_settings["adapter_layers"] == [1, 3] and tuner.sera_settings["fusion_router_hidden_size"] == 8
+    with pytest.raises(ValueError, match="not SeraConfig fields"):
+        SeraTunerConfig(sera_settings={"adapter_width": 8})
+
+
+def test_an_adapter_config_saved_before_sera_settings_loads_with_its_settings(tmp_path):
+    """adapter_config.json of 0.1.0 carries the module settings as top-level keys and the old switch names."""
+    legacy = {
+        "peft_type": "SERA",
+        "task_type": None,
+        "inference_mode": True,
+        "adapter_dim": 16,
+        "adapter_layers": [1, 3],
+        "fusion_top_k": 2,
+        "train_head": False,
+        "train_encoder_norms_and_biases": True,
+        "use_sera_adapter": True,
+        "use_sera_fusion": True,
+    }
+    (tmp_path / "adapter_config.json").write_text(json.dumps(legacy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unexpected keyword arguments ... ignored" from peft
+        for loader in (PeftConfig, SeraTunerConfig):
+            config = loader.from_pretrained(tmp_path)
+            assert type(config) is SeraTunerConfig
+            assert config.sera_settings == {"adapter_dim": 16, "adapter_layers": [1, 3], "fusion_top_k": 2}
+            assert not config.train_head_in_place and config.train_encoder_norms_and_biases_in_place
 
 
 # ------------------------------------------------------------------------------------------- trainable set
@@ -158,9 +187,12 @@ def test_injection_trains_exactly_the_papers_set_and_reports_it_truthfully():
 @pytest.mark.parametrize(
     "switches, groups",
     [
-        (dict(train_encoder_norms_and_biases=False), {"adapter", "fusion", "head"}),
-        (dict(train_head=False), {"adapter", "fusion", "encoder"}),
-        (dict(use_sera_fusion=False, train_head=False, train_encoder_norms_and_biases=False), {"adapter"}),
+        (dict(train_encoder_norms_and_biases_in_place=False), {"adapter", "fusion", "head"}),
+        (dict(train_head_in_place=False), {"adapter", "fusion", "encoder"}),
+        (
+            dict(use_sera_fusion=False, train_head_in_place=False, train_encoder_norms_and_biases_in_place=False),
+            {"adapter"},
+        ),
         (dict(use_sera_adapter=False), {"fusion", "head", "encoder"}),
     ],
 )
@@ -189,6 +221,30 @@ def test_a_sera_checkpoint_is_tuned_in_place_with_the_same_trainable_set(native_
     # Same adapter checkpoint keys as when everything is injected into a baseline.
     injected = get_peft_model(build_baseline(), tiny_tuner_config())
     assert get_peft_model_state_dict(model).keys() == get_peft_model_state_dict(injected).keys()
+
+
+def test_the_peft_path_computes_exactly_what_the_plain_model_computes():
+    """The tuner's layers run the model's own modules: with the same weights, a baseline with injected SERA modules
+    gives the native SERA model's logits, router weights and loss, to the bit."""
+    native = build(seed=5)
+    model = get_peft_model(build_baseline(seed=6), tiny_tuner_config())
+    native_state = native.state_dict()
+    assert {native_name(name) for name in model.state_dict()} == set(native_state)
+    model.load_state_dict({name: native_state[native_name(name)] for name in model.state_dict()})
+    batch = tiny_batch(2)
+    labels = (torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    for mode in ("eval", "train"):  # train: router noise, BatchNorm batch statistics, the loss
+        outputs = []
+        for candidate in (native, model):
+            getattr(candidate, mode)()
+            torch.manual_seed(0)
+            with torch.no_grad():
+                outputs.append(candidate(**batch, labels=labels))
+        expected, actual = outputs
+        assert torch.equal(expected.logits, actual.logits), mode
+        assert torch.equal(expected.loss, actual.loss), mode
+        for name in ("adapter_router_weights", "fusion_router_weights"):
+            assert all(torch.equal(a, b) for a, b in zip(getattr(expected, name), getattr(actual, name), strict=True))
 
 
 def test_three_adam_steps_change_every_trainable_tensor_and_no_frozen_one():
@@ -223,6 +279,24 @@ def test_disabling_or_unloading_gives_back_the_base_model():
     assert len(unloaded.model.fusion) == 0 and not unloaded.config.use_sera_adapter
     with torch.no_grad():
         assert torch.equal(unloaded(**batch).logits, reference)
+
+
+def test_with_nothing_trained_in_place_disabling_gives_the_base_model_after_training():
+    baseline = build_baseline().eval()
+    batch = tiny_batch(2)
+    with torch.no_grad():
+        reference = baseline(**batch).logits
+    config = tiny_tuner_config(train_head_in_place=False, train_encoder_norms_and_biases_in_place=False)
+    model = get_peft_model(baseline, config)
+    train_steps(model, 2)  # BatchNorm statistics and weights of the injected modules move; nothing of the base
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, reference)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing trained in place: no warning
+            with model.disable_adapter():
+                assert torch.equal(model(**batch).logits, reference)
+        assert not torch.allclose(model(**batch).logits, reference)  # enabled again on leaving the block
 
 
 # -------------------------------------------------------------------------------------------- round trips
@@ -264,8 +338,8 @@ def test_adapter_round_trip_in_a_fresh_process_right_after_importing_the_package
 
         config = PeftConfig.from_pretrained({str(adapter_dir)!r})
         assert type(config).__name__ == "SeraTunerConfig" and config.peft_type == "SERA", type(config)
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
-        base = modeling_sera.SeraForReferringSegmentation.from_pretrained({str(tmp_path / 'base')!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        base = modeling_sera.SeraForReferringSegmentation.from_pretrained({str(tmp_path / "base")!r})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = PeftModel.from_pretrained(base, {str(adapter_dir)!r})
@@ -275,7 +349,7 @@ def test_adapter_round_trip_in_a_fresh_process_right_after_importing_the_package
         with torch.no_grad():
             logits = model(**expected["batch"]).logits
         reference = expected["reference"]
-        {ASSERT_LOGITS_CLOSE}  # fp32 bounds: see tests/cross_process.py
+        {ASSERT_LOGITS_CLOSE}  # fp32 bounds: see tests/helpers/cross_process.py
         print("ADAPTER-OK")
         """,
         tmp_path,
@@ -300,7 +374,10 @@ def test_merge_and_unload_gives_a_plain_sera_model_that_loads_as_remote_code(tmp
     assert not hasattr(merged, "peft_config")
     assert not any(isinstance(module, SeraLayer) for module in merged.modules())
     assert [type(block.mlp).__name__ for block in merged.model.vision_model.encoder.layer] == [
-        "SeraAdaptedMLP", "Dinov2WithRegistersMLP", "SeraAdaptedMLP", "Dinov2WithRegistersMLP"
+        "SeraAdaptedMLP",
+        "Dinov2WithRegistersMLP",
+        "SeraAdaptedMLP",
+        "Dinov2WithRegistersMLP",
     ]
     assert {level: type(fusion) for level, fusion in merged.model.fusion.items()} == {"1": SeraFusion, "2": SeraFusion}
     assert merged.config.use_sera_adapter and merged.config.use_sera_fusion
@@ -318,14 +395,14 @@ def test_merge_and_unload_gives_a_plain_sera_model_that_loads_as_remote_code(tmp
         f"""
         import sys, torch
         from transformers import AutoModel
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
         model = AutoModel.from_pretrained({str(merged_dir)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
         assert model.config.adapter_layers == [0, 2] and model.config.fusion_levels == [1, 2]
         with torch.no_grad():
             logits = model(**expected["batch"]).logits
         reference = expected["reference"]
-        {ASSERT_LOGITS_CLOSE}  # fp32 bounds: see tests/cross_process.py
+        {ASSERT_LOGITS_CLOSE}  # fp32 bounds: see tests/helpers/cross_process.py
         assert not any(name.startswith(("modeling_sera", "peft")) for name in sys.modules), "needed the package"
         print("MERGED-OK")
         """,
@@ -346,8 +423,12 @@ def test_merge_and_unload_gives_a_plain_sera_model_that_loads_as_remote_code(tmp
         (dict(adapter_layers=[1, 1]), "lists a block twice"),
         (dict(fusion_levels=[]), "at least one level"),
         (
-            dict(use_sera_adapter=False, use_sera_fusion=False, train_head=False,
-                 train_encoder_norms_and_biases=False),
+            dict(
+                use_sera_adapter=False,
+                use_sera_fusion=False,
+                train_head_in_place=False,
+                train_encoder_norms_and_biases_in_place=False,
+            ),
             "trains nothing",
         ),
     ],

@@ -2,44 +2,28 @@
 and a saved pipeline rebuilt by `pipeline(..., trust_remote_code=True)` in a process without this package."""
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import textwrap
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers import pipeline
 
-from modeling_sera import ReferringImageSegmentationPipeline, SeraConfig, SeraForReferringSegmentation, SeraProcessor
+from modeling_sera import ReferringImageSegmentationPipeline
+from sera_training.export import save_untrained_model
+from tests.helpers import TINY_HUB_CONFIG
+from tests.helpers.cross_process import run_in_fresh_process
+from tests.helpers.images import scene
 
 
 TASK = "referring-image-segmentation"
-TINY_HUB_CONFIG = REPO_ROOT / "hub_configs" / "sera-synthref-tiny"
-
-
-def scene(width: int = 90, height: int = 60, seed: int = 0) -> Image.Image:
-    """A noisy background with a red disc on the left and a blue square on the right."""
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(150, 230, (height, width, 3), dtype=np.uint8))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((width * 0.1, height * 0.3, width * 0.4, height * 0.8), fill=(220, 30, 30))
-    draw.rectangle((width * 0.6, height * 0.2, width * 0.9, height * 0.7), fill=(30, 60, 220))
-    return image
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SeraForReferringSegmentation(SeraConfig.from_pretrained(TINY_HUB_CONFIG)).eval()
-    processor = SeraProcessor.from_pretrained(TINY_HUB_CONFIG)
     folder = tmp_path_factory.mktemp("pipeline") / "sera-tiny"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    model, processor = save_untrained_model(folder, TINY_HUB_CONFIG)
     return folder, model, processor
 
 
@@ -188,12 +172,7 @@ def test_saved_pipeline_loads_in_a_fresh_process_without_the_package(segmenter, 
         print("PIPELINE-OK")
         """
     )
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HOME=tempfile.mkdtemp(dir=tmp_path), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert "PIPELINE-OK" in result.stdout, result.stderr[-3000:]
+    result = run_in_fresh_process(script, tmp_path, "PIPELINE-OK")
     scores = json.loads(result.stdout.split("SCORES ")[1].splitlines()[0])
     assert scores == pytest.approx([r["score"] for r in expected], abs=1e-4)
 

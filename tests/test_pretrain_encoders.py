@@ -6,7 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pretrain_encoders import (
+from transformers import CLIPTextModelWithProjection, Dinov2WithRegistersModel
+
+from modeling_sera import SeraConfig, SeraForReferringSegmentation, SeraProcessor
+from sera_training.pretrain_encoders import (
     DEFAULT_CONFIG,
     EncoderPretrainingModel,
     contrastive_loss,
@@ -15,10 +18,12 @@ from pretrain_encoders import (
     pretrain_encoders,
     pretraining_losses,
 )
-from pretraining_data import CAPTION_VARIANTS, caption_variants, load_or_build_pretraining_pool, patch_targets
-from transformers import CLIPTextModelWithProjection, Dinov2WithRegistersModel
-
-from modeling_sera import SeraConfig, SeraForReferringSegmentation, SeraProcessor
+from sera_training.pretraining_data import (
+    CAPTION_VARIANTS,
+    caption_variants,
+    load_or_build_pretraining_pool,
+    patch_targets,
+)
 
 
 COMMITTED_VISION = DEFAULT_CONFIG / "vision_encoder"

@@ -4,17 +4,18 @@ import json
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
-from pretrain_text_encoder import (
+from transformers import CLIPTextModelWithProjection
+
+from sera_training.pretrain_text_encoder import (
     MEANING_FIELDS,
     hard_negative,
     meaning_labels,
     pretrain_text_encoder,
     random_expression,
 )
-from synthetic_expressions import parse_expression, verbalize
-from synthetic_scenes import HELD_OUT_COMBINATIONS
-from transformers import CLIPTextModelWithProjection
+from sera_training.synthetic_expressions import parse_expression, verbalize
+from sera_training.synthetic_scenes import HELD_OUT_COMBINATIONS
+from tests.helpers import REPO_ROOT
 
 
 def _named_pairs(expression):

@@ -11,15 +11,13 @@ import torch
 from transformers import CLIPTokenizer
 from transformers.testing_utils import CaptureLogger
 
+from modeling_sera import processing_sera
+from modeling_sera.image_processing_sera import SeraImageProcessor
+from modeling_sera.processing_sera import SeraProcessor
+from sera_training.build_tokenizer import build_clip_tokenizer
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "training"))
-
-from build_tokenizer import build_clip_tokenizer  # noqa: E402
-from modeling_sera import processing_sera  # noqa: E402
-from modeling_sera.image_processing_sera import SeraImageProcessor  # noqa: E402
-from modeling_sera.processing_sera import SeraProcessor  # noqa: E402
 
 
 CORPUS = ["the dog on the left", "man in the red shirt", "woman holding an umbrella", "the cup near the laptop"] * 3
@@ -48,7 +46,12 @@ def images():
 def test_outputs_for_images_and_text(processor, images, tokenizer):
     outputs = processor(images=images, text=["the dog", "man in the red shirt"])
     assert set(outputs) == {
-        "pixel_values", "original_sizes", "letterbox_sizes", "letterbox_offsets", "input_ids", "attention_mask"
+        "pixel_values",
+        "original_sizes",
+        "letterbox_sizes",
+        "letterbox_offsets",
+        "input_ids",
+        "attention_mask",
     }
     assert outputs["pixel_values"].shape == (2, 3, 64, 64)
     assert outputs["original_sizes"].tolist() == [[37, 91], [30, 20]]
@@ -118,14 +121,20 @@ def test_input_errors(processor, images):
         processor(images="dog.jpg", text="the dog")
 
 
-def test_post_processing_uses_the_processor_threshold(tokenizer):
+def test_post_processing_uses_the_processor_threshold_which_has_one_home(tokenizer):
     image_processor = SeraImageProcessor(size=64, mask_threshold=0.35)
-    processor = SeraProcessor(image_processor, tokenizer, mask_threshold=0.6)
+    processor = SeraProcessor(image_processor, tokenizer)
     logits = torch.zeros(1, 1, 16, 16)  # probability 0.5 everywhere
-    (loose,) = image_processor.post_process_referring_segmentation({"logits": logits}, [(10, 12)])
-    (strict,) = processor.post_process_referring_segmentation({"logits": logits}, [(10, 12)])
+    (loose,) = processor.post_process_referring_segmentation({"logits": logits}, [(10, 12)])
     assert loose["mask"].all() and loose["score"].item() == pytest.approx(0.5)
+    # Given to the processor (as a processor_config.json of 0.1.0 does), the threshold replaces the image processor's.
+    processor = SeraProcessor(image_processor, tokenizer, mask_threshold=0.6)
+    assert processor.mask_threshold == image_processor.mask_threshold == 0.6
+    (strict,) = processor.post_process_referring_segmentation({"logits": logits}, [(10, 12)])
     assert strict["mask"].shape == (10, 12) and not strict["mask"].any() and strict["score"].item() == 0
+    assert (
+        "mask_threshold" not in processor.to_dict() and processor.to_dict()["image_processor"]["mask_threshold"] == 0.6
+    )
     (explicit,) = processor.post_process_referring_segmentation({"logits": logits}, [(10, 12)], threshold=0.4)
     assert explicit["mask"].all()
 

@@ -14,16 +14,15 @@ import textwrap
 import huggingface_hub.constants
 import pytest
 import torch
-from conftest import REPO_ROOT
-from cross_process import ASSERT_LOGITS_CLOSE, assert_masks_are_stable
-from hub_server import HubServer
 from huggingface_hub import ModelCard
 from PIL import Image, ImageDraw
 
-from modeling_sera import SeraConfig, SeraForReferringSegmentation, SeraProcessor
+from sera_training.export import save_untrained_model
+from tests.helpers import TINY_HUB_CONFIG
+from tests.helpers.cross_process import ASSERT_LOGITS_CLOSE, assert_masks_are_stable
+from tests.helpers.hub_server import HubServer
 
 
-TINY_HUB_CONFIG = REPO_ROOT / "hub_configs" / "sera-synthref-tiny"
 PUSHED = "sera-test/sera-synthref-tiny"  # by training/push.py
 DIRECT = "sera-test/pushed-directly"  # by model.push_to_hub and processor.push_to_hub
 TASK = "referring-image-segmentation"
@@ -32,6 +31,7 @@ REMOTE_CODE = (
     "modeling_sera.py",
     "sera_adapter.py",
     "sera_attention.py",
+    "sera_conv.py",
     "sera_fusion.py",
     "sera_head.py",
     "sera_positions.py",
@@ -75,12 +75,9 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_folder(workdir):
     """What train.py leaves behind: model, processor, recipe, scores, and folders that must not be uploaded."""
-    torch.manual_seed(0)
-    model = SeraForReferringSegmentation(SeraConfig.from_pretrained(TINY_HUB_CONFIG)).eval()
-    processor = SeraProcessor.from_pretrained(TINY_HUB_CONFIG)
     folder = workdir / "sera-synthref-tiny"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    # Seed 1: no pixel of the scene below sits within the cross-process tolerance of a threshold the test uses.
+    model, processor = save_untrained_model(folder, TINY_HUB_CONFIG, seed=1)
     recipe = json.loads((TINY_HUB_CONFIG / "training_recipe.json").read_text())
     (folder / "training_recipe.json").write_text(json.dumps({**recipe, "synthetic_cache_dir": "/home/me/cache"}))
     (folder / "checkpoints" / "best").mkdir(parents=True)
@@ -117,7 +114,7 @@ def hub_client(hub: HubServer, token: str):
 @pytest.fixture(scope="module")
 def pushed(hub, trained_folder, workdir):
     """`python training/push.py`, run in this process (a subprocess would spend seconds importing torch again)."""
-    from push import main
+    from sera_training.push import main
 
     folder, _, _ = trained_folder
     printed = io.StringIO()
@@ -177,7 +174,7 @@ def test_push_uploads_model_code_pipeline_recipe_and_card_in_one_commit(hub, pus
     assert config["auto_map"]["AutoModel"] == "modeling_sera.SeraForReferringSegmentation"
     assert json.loads(files["processor_config.json"])["auto_map"]["AutoProcessor"] == "processing_sera.SeraProcessor"
     recipe = json.loads(files["training_recipe.json"])
-    assert recipe["learning_rate"] == 3e-4 and recipe["synthetic_cache_dir"] == "cache"  # no local paths
+    assert recipe["learning_rate"] == 1e-3 and recipe["synthetic_cache_dir"] == "cache"  # no local paths
 
     assert not hub.unserved, hub.unserved  # the test Hub implements every endpoint the push needed
 
@@ -208,7 +205,8 @@ def test_push_to_hub_uploads_model_processor_and_remote_code_and_keeps_the_card(
     # Pushing into the published repo keeps the card push.py wrote.
     repo = hub.repo(PUSHED)
     assert repo.head.message == "Update the processor"
-    assert json.loads(repo.head.files["processor_config.json"])["mask_threshold"] == 0.4
+    # The threshold's one home is the image processor (SeraProcessor.mask_threshold reads and writes it).
+    assert json.loads(repo.head.files["processor_config.json"])["image_processor"]["mask_threshold"] == 0.4
     assert repo.head.files["README.md"] == repo.commits[1].files["README.md"]
     assert repo.head.files["config.json"] == repo.commits[1].files["config.json"]
 
@@ -249,7 +247,7 @@ def test_both_repos_load_back_by_repo_id_in_a_fresh_process_with_equal_outputs(
             with torch.no_grad():
                 logits = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
                                attention_mask=inputs["attention_mask"]).logits
-            {ASSERT_LOGITS_CLOSE}  # fp32 bounds: see tests/cross_process.py
+            {ASSERT_LOGITS_CLOSE}  # fp32 bounds: see tests/helpers/cross_process.py
             result = processor.post_process_referring_segmentation(
                 logits, inputs["original_sizes"], threshold={processor.mask_threshold}
             )[0]
@@ -268,7 +266,7 @@ def test_both_repos_load_back_by_repo_id_in_a_fresh_process_with_equal_outputs(
 
 
 def test_a_wrong_token_is_one_line_that_says_what_to_do(hub, trained_folder):
-    from push import main
+    from sera_training.push import main
 
     with hub_client(hub, "hf_wrong"), pytest.raises(SystemExit) as raised:
         main([str(trained_folder[0]), "--repo-id", "sera-test/other"])
@@ -283,15 +281,15 @@ def test_a_wrong_token_is_one_line_that_says_what_to_do(hub, trained_folder):
         (["{missing}", "--repo-id", "org/name"], "model folder not found"),
         (["{empty}", "--repo-id", "org/name"], "has no config.json"),
         (["{model}", "--repo-id", "no-namespace"], "needs its namespace"),
-        (["{model}", "--repo-id", "org/bad name"], "--repo-id org/bad name"),
+        (["{model}", "--repo-id", "org/bad name"], "--repo_id org/bad name"),
         (["{model}", "--repo-id", "org/name", "--results", "{missing}"], "Results file not found"),
         (["{model}", "--repo-id", "org/name", "--results", "{model}/config.json"], "has no 'data' name and 'splits'"),
     ],
 )
 def test_bad_input_is_one_line_that_says_what_to_do(arguments, message, trained_folder, tmp_path, monkeypatch):
-    from push import main
+    from sera_training.push import main
 
-    monkeypatch.setattr("push.get_token", lambda: "hf_any")
+    monkeypatch.setattr("sera_training.push.get_token", lambda: "hf_any")
     (tmp_path / "empty").mkdir()
     folder, _, _ = trained_folder
     paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "model": folder}
@@ -302,15 +300,15 @@ def test_bad_input_is_one_line_that_says_what_to_do(arguments, message, trained_
 
 
 def test_no_token_fails_before_any_work(trained_folder, monkeypatch):
-    from push import main
+    from sera_training.push import main
 
-    monkeypatch.setattr("push.get_token", lambda: None)
+    monkeypatch.setattr("sera_training.push.get_token", lambda: None)
     with pytest.raises(SystemExit, match="no Hugging Face token: log in with `hf auth login` or set HF_TOKEN"):
         main([str(trained_folder[0]), "--repo-id", "org/name"])
 
 
 def test_local_dir_previews_the_repository_with_train_py_s_results(trained_folder, tmp_path):
-    from push import main
+    from sera_training.push import main
 
     folder = tmp_path / "trained"
     shutil.copytree(trained_folder[0], folder)

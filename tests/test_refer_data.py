@@ -3,21 +3,17 @@ import json
 import logging
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
-from coco_fixtures import column_major_runs, rectangle_mask, rectangle_polygon
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-
-from data_schema import EXAMPLE_FEATURES  # noqa: E402
-from refer_data import load_refer_dataset  # noqa: E402
+from sera_training.data_schema import EXAMPLE_FEATURES
+from sera_training.refer_data import load_refer_dataset
+from tests.helpers.coco_fixtures import column_major_runs, rectangle_mask, rectangle_polygon
 
 
 def save_image(path, pixels, format, exif_orientation=None):

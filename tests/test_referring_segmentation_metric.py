@@ -1,4 +1,4 @@
-"""Tests for the referring segmentation metric (training/metrics/referring_segmentation).
+"""Tests for the referring segmentation metric (sera_training/metrics/referring_segmentation).
 
 The metric is checked against a plain numpy reference written here from the definitions in section 6 of the design
 note, with its own brute-force boundary matching, so that the metric's faster dilation is tested, not repeated.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 
-METRIC_DIR = Path(__file__).resolve().parents[1] / "training" / "metrics" / "referring_segmentation"
+METRIC_DIR = Path(__file__).resolve().parents[1] / "sera_training" / "metrics" / "referring_segmentation"
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 SCORE_KEYS = ["oIoU", "mIoU"] + [f"Prec@{t}" for t in THRESHOLDS] + ["boundary_F"]
 

@@ -2,15 +2,11 @@ import builtins
 import collections
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-
-from safe_pickle import load_pickle_safely  # noqa: E402
+from sera_training.safe_pickle import load_pickle_safely
 
 
 REFS = [

@@ -1,20 +1,15 @@
 """Tests of the synthetic referring dataset (synthref): scenes, expressions, resolver, splits, cache, CLI."""
 
 import re
-import sys
-from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 from PIL import Image
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-
-import synthetic_data  # noqa: E402
-from data_schema import EXAMPLE_FEATURES  # noqa: E402
-from synthetic_data import (  # noqa: E402
+from sera_training import synthetic_data
+from sera_training.data_schema import EXAMPLE_FEATURES
+from sera_training.synthetic_data import (
     IMAGE_ID_STRIDE,
     SPLITS,
     VOCABULARY,
@@ -23,7 +18,7 @@ from synthetic_data import (  # noqa: E402
     generate_pretraining_examples,
     generate_referring_scene,
 )
-from synthetic_expressions import (  # noqa: E402
+from sera_training.synthetic_expressions import (
     CATEGORIES,
     TEMPLATES,
     Description,
@@ -33,7 +28,7 @@ from synthetic_expressions import (  # noqa: E402
     resolve,
     verbalize,
 )
-from synthetic_scenes import (  # noqa: E402
+from sera_training.synthetic_scenes import (
     ATTRIBUTE_VALUES,
     COLORS,
     HELD_OUT_COMBINATIONS,

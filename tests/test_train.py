@@ -1,5 +1,5 @@
-"""training/train.py: end to end through `accelerate launch` on tiny synthetic data, exact resume, the non-finite
-loss stop, a 2-process CPU run; plus the recipe and collate helpers in-process.
+"""training/train.py (sera_training): end to end through `accelerate launch` on tiny synthetic data, exact resume,
+the non-finite loss stop, a 2-process CPU run; plus the recipe and collate helpers in-process.
 
 The launched runs share one tiny synthetic dataset (built once into a temporary cache) and the tiny hub config, and
 run a handful of optimizer steps each, so the whole file takes about a minute on two CPU cores.
@@ -7,20 +7,16 @@ run a handful of optimizer steps each, so the whole file takes about a minute on
 
 import json
 import os
-import shlex
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
-TINY_CONFIG = REPO_ROOT / "hub_configs" / "sera-synthref-tiny"
-TINY_DATA = "train=3,validation=2,test=2,test_unseen=2"
+from sera_training import arguments, builders, train
+from tests.helpers import REPO_ROOT
+from tests.helpers.training_runs import DEBUG_LOG_SCRIPT, TINY_CONFIG, check_ok, launch
+
 
 # Small, but enough to cover a resume in the middle of an epoch, gradient accumulation with a partial window at the
 # end of an epoch (3 batches per epoch, 2 per step) and the crossing into the next epoch.
@@ -29,56 +25,6 @@ RESUME_ARGS = (
     "--eval_steps 2 --checkpointing_steps 1 --checkpoints_total_limit 10 --max_eval_samples 6 "
     "--per_device_eval_batch_size 6"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(options: str, output_dir: Path, cache_dir: Path, num_processes: int = 1, timeout: int = 300):
-    """`accelerate launch training/train.py OPTIONS` on the tiny data, on CPU; returns the CompletedProcess."""
-    # One thread per process: the runs are tiny, and a multi-threaded run slows down badly when the cores are shared
-    # (pytest -n 2, other jobs). The runs compared bit for bit all use the same setting.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    if num_processes > 1:
-        launcher = ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
-    else:
-        launcher = ["--num_processes", "1"]
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *launcher,
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(TRAIN_SCRIPT),
-        "--config_name",
-        str(TINY_CONFIG),
-        "--output_dir",
-        str(output_dir),
-        "--synthetic_cache_dir",
-        str(cache_dir),
-        "--synthetic_num_images",
-        TINY_DATA,
-        "--no_progress_bar",
-        *shlex.split(options),
-    ]
-    result = subprocess.run(
-        command, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    return result
-
-
-def check_ok(result) -> None:
-    assert result.returncode == 0, (
-        f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +56,12 @@ def in_process_accelerate():
     logging.getLogger("accelerate").setLevel(logging.NOTSET)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # In-process helpers (fast)
 
 
 def test_swap_left_right_and_flip_decisions():
-    from collate import flip_decision, swap_left_right
+    from sera_training.collate import flip_decision, swap_left_right
 
     assert swap_left_right("the circle left of the Rightmost star") == "the circle right of the Leftmost star"
     assert swap_left_right("LEFT square, right one; bright leftover") == "RIGHT square, left one; bright leftover"
@@ -128,10 +74,10 @@ def test_swap_left_right_and_flip_decisions():
 
 def test_collator_flips_image_mask_and_words_together():
     import numpy as np
-    from collate import ReferringSegmentationCollator
     from PIL import Image
 
     from modeling_sera import SeraProcessor
+    from sera_training.collate import ReferringSegmentationCollator
 
     processor = SeraProcessor.from_pretrained(TINY_CONFIG)
     image = np.zeros((40, 60, 3), dtype=np.uint8)
@@ -154,24 +100,22 @@ def test_collator_flips_image_mask_and_words_together():
 
 
 def test_recipe_and_command_line_overrides(tmp_path):
-    import train
-
-    args = train.parse_args(["--config_name", str(TINY_CONFIG)])
+    args = arguments.parse_args(["--config_name", str(TINY_CONFIG)])
     recipe = json.loads((TINY_CONFIG / "training_recipe.json").read_text())
-    assert args.learning_rate == recipe["learning_rate"] == 3e-4
+    assert args.learning_rate == recipe["learning_rate"] == 1e-3
     assert args.lr_milestones == recipe["lr_milestones"] == [60]
     assert args.num_train_epochs == 65 and args.lr_gamma == 0.1
     assert args.per_device_train_batch_size == 16 and args.horizontal_flip_probability == 0.0
     assert args.output_dir == Path("outputs") / "sera-synthref-tiny"
     # A milestone keeps its place in a shortened run: 60/65 of the steps.
-    assert train.milestone_steps(args, 650) == [600]
-    assert train.milestone_steps(args, args.max_train_steps) == [round(60 * args.max_train_steps / 65)]
-    paper = train.parse_args(["--config_name", str(TINY_CONFIG), "--lr_milestones", "35", "55"])
-    assert train.milestone_steps(paper, 650) == [350, 550]
+    assert builders.milestone_steps(args, 650) == [600]
+    assert builders.milestone_steps(args, args.max_train_steps) == [round(60 * args.max_train_steps / 65)]
+    paper = arguments.parse_args(["--config_name", str(TINY_CONFIG), "--lr_milestones", "35", "55"])
+    assert builders.milestone_steps(paper, 650) == [350, 550]
 
     custom = tmp_path / "recipe.json"
     custom.write_text(json.dumps({"learning_rate": 5e-4, "max_train_steps": 50, "eval_steps": 5}))
-    args = train.parse_args(
+    args = arguments.parse_args(
         [
             "--config_name",
             str(TINY_CONFIG),
@@ -198,27 +142,27 @@ def test_recipe_and_command_line_overrides(tmp_path):
     assert args.test_splits == ["test"] and args.checkpointing_steps == "epoch"
     assert args.synthetic_num_images == {"train": 5, "test": 2}
     # Epochs asked for on the command line win over the recipe's step cap.
-    args = train.parse_args(["--config_name", str(TINY_CONFIG), "--recipe", str(custom), "--num_train_epochs", "3"])
+    args = arguments.parse_args(
+        ["--config_name", str(TINY_CONFIG), "--recipe", str(custom), "--num_train_epochs", "3"]
+    )
     assert args.num_train_epochs == 3 and args.max_train_steps is None
 
     custom.write_text(json.dumps({"learning_rat": 1e-4}))
-    with pytest.raises(train.TrainingError, match="learning_rat"):
-        train.parse_args(["--config_name", str(TINY_CONFIG), "--recipe", str(custom)])
+    with pytest.raises(arguments.TrainingError, match="learning_rat"):
+        arguments.parse_args(["--config_name", str(TINY_CONFIG), "--recipe", str(custom)])
 
 
 def test_config_overrides_give_the_papers_ablation_rows():
-    import train
-
-    args = train.parse_args(
+    args = arguments.parse_args(
         ["--config_name", str(TINY_CONFIG), "--config_overrides", "use_sera_adapter=false,use_sera_fusion=false"]
     )
-    config = train.load_model_config(args)
+    config = builders.load_model_config(args)
     assert not config.use_sera_adapter and not config.use_sera_fusion
-    args = train.parse_args(["--config_name", str(TINY_CONFIG), "--config_overrides", "fusion_top_k=2"])
-    assert train.load_model_config(args).fusion_top_k == 2
-    args = train.parse_args(["--config_name", str(TINY_CONFIG), "--config_overrides", "fusion_top_k=9"])
-    with pytest.raises(train.TrainingError, match="fusion_top_k"):
-        train.load_model_config(args)
+    args = arguments.parse_args(["--config_name", str(TINY_CONFIG), "--config_overrides", "fusion_top_k=2"])
+    assert builders.load_model_config(args).fusion_top_k == 2
+    args = arguments.parse_args(["--config_name", str(TINY_CONFIG), "--config_overrides", "fusion_top_k=9"])
+    with pytest.raises(arguments.TrainingError, match="fusion_top_k"):
+        builders.load_model_config(args)
 
 
 def test_paper_recipe_files():
@@ -230,13 +174,12 @@ def test_paper_recipe_files():
     assert paper["learning_rate"] == 1e-4 and paper["lr_milestones"] == [35, 55]
     # The tiny default run departs from the paper only where its recipe says so.
     tiny = json.loads((REPO_ROOT / "hub_configs/sera-synthref-tiny/training_recipe.json").read_text())
-    assert (tiny["learning_rate"], tiny["lr_milestones"], tiny["max_train_steps"]) == (3e-4, [60], 500)
-    assert "lr 3e-4" in tiny["_comment"] and "60/65" in tiny["_comment"]
+    assert (tiny["learning_rate"], tiny["lr_milestones"], tiny["max_train_steps"]) == (1e-3, [60], 500)
+    assert "lr 1e-3" in tiny["_comment"] and "60/65" in tiny["_comment"]
     assert json.loads((REPO_ROOT / "hub_configs/sera-refcoco/training_recipe.json").read_text())["image_size"] == 448
 
 
 def test_pretrained_encoders_are_loaded_and_the_paper_regime_is_trainable(tmp_path, in_process_accelerate):
-    import train
     from accelerate import PartialState
     from transformers import AutoModel, CLIPTextModelWithProjection
 
@@ -253,10 +196,10 @@ def test_pretrained_encoders_are_loaded_and_the_paper_regime_is_trainable(tmp_pa
     tunings = ["freeze"] + (["peft"] if hasattr(modeling_sera, "SeraTunerConfig") else [])
     trainable_counts = {}
     for tuning in tunings:
-        args = train.parse_args(
+        args = arguments.parse_args(
             ["--config_name", str(TINY_CONFIG), "--encoder_weights", str(tmp_path / "encoders"), "--tuning", tuning]
         )
-        model, used = train.build_trainable_model(config, args)
+        model, used = builders.build_trainable_model(config, args, builders.find_encoders(args))
         assert used == tuning
         sera = model.get_base_model() if tuning == "peft" else model
         loaded_vision, loaded_text = sera.model.vision_model, sera.model.text_model
@@ -268,20 +211,20 @@ def test_pretrained_encoders_are_loaded_and_the_paper_regime_is_trainable(tmp_pa
         assert torch.equal(
             loaded_text.text_model.embeddings.token_embedding.weight, text.text_model.embeddings.token_embedding.weight
         )
-        trainable = [name for name, _ in train.trainable_named_parameters(model)]
+        trainable = [name for name, _ in builders.trainable_named_parameters(model)]
         # The paper's regime: encoder weights frozen, their norms and biases trained, SERA modules and head trained.
         assert not any(name.endswith("patch_embeddings.projection.weight") for name in trainable)
         assert not any(name.endswith("token_embedding.weight") for name in trainable)
         assert any("layernorm" in name and "vision_model" in name for name in trainable)
         assert any("sera_adapter" in name for name in trainable) and any("decoder" in name for name in trainable)
-        trainable_counts[tuning] = sum(parameter.numel() for _, parameter in train.trainable_named_parameters(model))
+        trainable_counts[tuning] = sum(
+            parameter.numel() for _, parameter in builders.trainable_named_parameters(model)
+        )
     assert len(set(trainable_counts.values())) == 1, trainable_counts  # both ways train the same set
 
 
 @pytest.mark.parametrize("problem", ["missing", "unreadable"])
 def test_bad_dataset_fails_at_start(tmp_path, capsys, problem, in_process_accelerate):
-    import train
-
     if problem == "missing":
         source = tmp_path / "no-such-dataset"
     else:
@@ -306,7 +249,7 @@ def test_bad_dataset_fails_at_start(tmp_path, capsys, problem, in_process_accele
     assert not (tmp_path / "out" / "config.json").exists()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Launched runs
 
 
@@ -326,7 +269,7 @@ def test_end_to_end_outputs(uninterrupted_run):
         assert scores["num_samples"] == 6
     assert [entry["step"] for entry in report["validation"]["history"]] == [2, 4]
     assert report["train"]["completed_steps"] == 4 and report["train"]["tuning"] in ("peft", "freeze")
-    assert report["recipe"]["learning_rate"] == 3e-4
+    assert report["recipe"]["learning_rate"] == 1e-3
 
     card = (output_dir / "README.md").read_text()
     assert "results start: synthref" in card and "| test_unseen |" in card
@@ -400,7 +343,7 @@ def test_two_processes_shard_data_and_stay_in_sync(cache_dir, tmp_path):
         "--max_train_samples 8 --per_device_train_batch_size 2 --max_train_steps 2 --eval_steps 2 "
         f"--max_eval_samples 4 --checkpointing_steps none --debug_log_dir {debug_dir}"
     )
-    result = launch(options, output_dir, cache_dir, num_processes=2)
+    result = launch(options, output_dir, cache_dir, num_processes=2, script=DEBUG_LOG_SCRIPT)
     check_ok(result)
     seen = {}
     for rank in (0, 1):
@@ -418,7 +361,6 @@ def test_two_processes_shard_data_and_stay_in_sync(cache_dir, tmp_path):
 
 def test_cpu_runs_use_the_cores_they_share(monkeypatch):
     """`accelerate launch` exports OMP_NUM_THREADS=1; train.py gives each process its share of the cores instead."""
-    import train
 
     class OneProcess:
         num_processes = 1
@@ -428,14 +370,14 @@ def test_cpu_runs_use_the_cores_they_share(monkeypatch):
     assert train.cpu_threads_per_process(OneProcess()) == cores
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores + 1))
     assert train.cpu_threads_per_process(OneProcess()) == 1
-    args = train.parse_args(["--config_name", str(TINY_CONFIG), "--cpu_threads", "3"])
-    assert args.cpu_threads == 3 and "cpu_threads" not in train.recipe_of(args)
+    args = arguments.parse_args(["--config_name", str(TINY_CONFIG), "--cpu_threads", "3"])
+    assert args.cpu_threads == 3 and "cpu_threads" not in arguments.recipe_of(args)
 
 
 def test_eval_results_and_card_name_the_dataset_not_its_local_path(tmp_path, cache_dir):
     """train.py once wrote the raw --dataset string (a local path) into eval_results.json, which push.py and the
     model card read as the dataset's name."""
-    from synthetic_data import SynthRefConfig, write_dataset
+    from sera_training.synthetic_data import SynthRefConfig, write_dataset
 
     folder = tmp_path / "my-referring-data"
     write_dataset(SynthRefConfig(num_images=(("train", 2), ("validation", 1), ("test", 1))), folder)
@@ -456,7 +398,7 @@ def test_eval_results_and_card_name_the_dataset_not_its_local_path(tmp_path, cac
 def test_a_best_checkpoint_moved_aside_by_a_killed_save_is_put_back(tmp_path):
     """save_checkpoint moves the old `best` aside before renaming the new one in; a kill in between must not lose
     it (the resume puts it back), and a complete `best` is never replaced by the aside copy."""
-    from train import restore_checkpoint
+    from sera_training.checkpointing import restore_checkpoint
 
     aside = tmp_path / ".best.old"
     aside.mkdir()

@@ -4,16 +4,16 @@ back onto the base model with `PeftModel.from_pretrained`."""
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from peft import PeftModel, get_peft_model
-from synthetic_data import SynthRefConfig, write_dataset
 
 from modeling_sera import SeraConfig, SeraForReferringSegmentation, SeraProcessor, SeraTunerConfig, SeraTunerModel
+from sera_training.synthetic_data import SynthRefConfig, write_dataset
+from tests.helpers import TINY_HUB_CONFIG
+
 
 # PeftModel reads transformers' deprecated `is_gradient_checkpointing`; that is between peft and transformers.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
-TINY_HUB_CONFIG = REPO_ROOT / "hub_configs" / "sera-synthref-tiny"
 STEPS = 3
 
 
@@ -21,7 +21,7 @@ class TrainerCollator:
     """The project's collator, less `sample_ids` (train.py takes them out before the forward pass too)."""
 
     def __init__(self, processor):
-        from collate import ReferringSegmentationCollator
+        from sera_training.collate import ReferringSegmentationCollator
 
         self.collator = ReferringSegmentationCollator(processor)
 
@@ -33,8 +33,9 @@ class TrainerCollator:
 
 def test_trainer_fine_tunes_the_papers_set_and_the_adapter_reloads(tmp_path):
     import datasets
-    from collate import COLLATOR_COLUMNS
     from transformers import Trainer, TrainingArguments
+
+    from sera_training.collate import COLLATOR_COLUMNS
 
     config = SeraConfig.from_pretrained(TINY_HUB_CONFIG)
     processor = SeraProcessor.from_pretrained(TINY_HUB_CONFIG)

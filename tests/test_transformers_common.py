@@ -2,7 +2,7 @@
 
 The mixin is not in the transformers wheel: it ships in the sdist of the pinned version, as
 `tests/test_modeling_common.py`. The setup fetches that sdist with pip (cached, so later runs reuse it), unpacks its
-`tests/` into a temporary folder, puts SERA's tester (tests/sera_model_tester.py) next to it and runs pytest there in a
+`tests/` into a temporary folder, puts SERA's tester (tests/helpers/sera_model_tester.py) next to it and runs pytest there in a
 separate process. No transformers test code is copied into this repository.
 
 The sdist's `tests/` lacks two sub-packages the mixin imports: `exporters/` (the torch.export tests, a base class of
@@ -15,12 +15,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from xml.etree import ElementTree
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import transformers
-from conftest import REPO_ROOT
+
+from tests.helpers import REPO_ROOT
 
 
 CACHE = Path(
@@ -92,14 +93,15 @@ def mixin_tree(tmp_path_factory) -> Path:
         (tests / name).parent.mkdir(parents=True, exist_ok=True)
         if not (tests / name).exists():
             (tests / name).write_text(text)
-    shutil.copy(REPO_ROOT / "tests" / "sera_model_tester.py", tests / "test_sera_common.py")
+    shutil.copy(REPO_ROOT / "tests" / "helpers" / "sera_model_tester.py", tests / "test_sera_common.py")
     return root / SDIST_NAME
 
 
 def test_sera_passes_transformers_model_tester_mixin(mixin_tree, tmp_path):
     deps = fetch_parameterized()
     report = tmp_path / "junit.xml"
-    env = dict(os.environ, PYTHONPATH=str(deps), SERA_TESTS_DIR=str(REPO_ROOT / "tests"), HF_HUB_OFFLINE="1")
+    helpers = REPO_ROOT / "tests" / "helpers"
+    env = dict(os.environ, PYTHONPATH=str(deps), SERA_TESTS_DIR=str(helpers), HF_HUB_OFFLINE="1")
     env.pop("PYTEST_XDIST_WORKER", None)
     result = subprocess.run(
         [

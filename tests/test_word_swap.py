@@ -1,7 +1,8 @@
 """The word-swap check of #12: the twin of an expression names the opposite place, and the IoU is computed."""
 
 import torch
-from word_swap import swapped_expression, word_swap_iou
+
+from sera_training.word_swap import swapped_expression, word_swap_iou
 
 
 def test_spatial_words_are_swapped_for_their_opposites_and_others_are_kept():

@@ -1,6 +1,6 @@
 """Pictures of what a referring segmentation model does: contact sheets of predictions, and the validation curve.
 
-- :func:`write_gallery` (``training/evaluate.py --gallery N``, and ``train.py`` at the end of a run): for one split,
+- :func:`write_gallery` (``sera-evaluate --gallery N``, and ``train.py`` at the end of a run): for one split,
   N predictions per category, the best, the worst and a seeded random sample of the rest, each shown as the image
   with the ground truth (green) and the prediction (magenta) outlined, its expression and its IoU. The choice
   depends only on the per-example IoUs, the seed and the category, so the same model, data and seed always give the
@@ -21,6 +21,8 @@ import torch
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps
 
 from modeling_sera.cli import load_font, wrap_text
+from sera_training.evaluation import predict_masks as predict_batch
+
 
 GROUND_TRUTH_COLOR = (0, 190, 0)
 PREDICTION_COLOR = (230, 0, 200)
@@ -35,7 +37,6 @@ IMAGE_BACKGROUND = (235, 235, 235)
 NO_CATEGORY = "(no category)"
 GALLERY_PER_CATEGORY = 6  # what train.py draws per category of each test split
 # The processor returns more than the model's forward accepts.
-MODEL_INPUT_NAMES = ("pixel_values", "input_ids", "attention_mask")
 
 
 def gallery_file_name(split: str) -> str:
@@ -89,24 +90,15 @@ def predict_masks(model, processor, images, expressions, batch_size: int = 8) ->
     """Boolean masks at the images' original sizes, computed as ``evaluation.evaluate_referring_segmentation`` does."""
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
-    dtype = getattr(model, "dtype", None)
     masks = []
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch_images = [image.convert("RGB") for image in images[start : start + batch_size]]
-            inputs = processor(
-                images=batch_images, text=list(expressions[start : start + batch_size]), return_tensors="pt"
-            )
-            model_inputs = {name: inputs[name].to(device) for name in MODEL_INPUT_NAMES if name in inputs}
-            if dtype is not None and model_inputs["pixel_values"].is_floating_point():
-                model_inputs["pixel_values"] = model_inputs["pixel_values"].to(dtype)
-            outputs = model(**model_inputs)
-            predictions = processor.post_process_referring_segmentation(outputs, target_sizes=inputs["original_sizes"])
-            for prediction in predictions:
-                mask = prediction["mask"]
-                mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-                masks.append(mask.astype(bool))
+            end = start + batch_size
+            masks += [
+                mask.astype(bool)
+                for mask in predict_batch(model, processor, images[start:end], expressions[start:end], device)
+            ]
     return masks
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+
 # The columns the collator reads; the training script keeps only these.
 COLLATOR_COLUMNS = ("image", "mask", "expression", "sentence_id")
 MODEL_INPUT_NAMES = ("pixel_values", "input_ids", "attention_mask", "labels")

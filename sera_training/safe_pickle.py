@@ -10,7 +10,7 @@ allowed global would be one more thing to audit.
 import io
 import os
 import pickle
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -34,7 +34,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         )
 
 
-def load_pickle_safely(file: Union[str, os.PathLike, BinaryIO, bytes], encoding: str = "latin1") -> Any:
+def load_pickle_safely(file: str | os.PathLike | BinaryIO | bytes, encoding: str = "latin1") -> Any:
     """Unpickle ``file`` (a path, an open binary file, or bytes) with :class:`RestrictedUnpickler`.
 
     ``encoding="latin1"`` because the REFER files were written by Python 2: its byte strings must be decoded, and

@@ -27,9 +27,10 @@ MODEL_MAPPING_NAMES.setdefault("sera", "SeraModel")
 
 
 def _tiny_sera_config():
-    """The suite's tiny configuration (tests/conftest.py, whose folder the runner passes in SERA_TESTS_DIR)."""
+    """The suite's tiny configuration (tests/helpers/tiny_models.py, whose folder the runner passes in
+    SERA_TESTS_DIR)."""
     spec = importlib.util.spec_from_file_location(
-        "sera_tests_conftest", os.path.join(os.environ["SERA_TESTS_DIR"], "conftest.py")
+        "sera_tests_tiny_models", os.path.join(os.environ["SERA_TESTS_DIR"], "tiny_models.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -20,13 +20,14 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any
 
 import datasets
 
-from data_schema import SkippedRecords
-from refer_data import (
+from sera_training.data_schema import SkippedRecords
+from sera_training.refer_data import (
     MALFORMED_REF,
     MISSING_ANNOTATION,
     BadRecord,
@@ -61,13 +62,13 @@ INVALID_ROW_JSON = "unreadable JSON in the row"
 
 
 def load_hub_refcoco(
-    name_or_path: Union[str, os.PathLike],
+    name_or_path: str | os.PathLike,
     split: str,
-    coco_image_dir: Union[str, os.PathLike],
+    coco_image_dir: str | os.PathLike,
     *,
-    cache_dir: Optional[str] = None,
+    cache_dir: str | None = None,
     return_skipped: bool = False,
-) -> Union[datasets.Dataset, tuple[datasets.Dataset, SkippedRecords]]:
+) -> datasets.Dataset | tuple[datasets.Dataset, SkippedRecords]:
     """Load a split of ``jxu124/refcoco``, ``jxu124/refcocoplus`` or ``jxu124/refcocog``, one example per sentence.
 
     Args:
@@ -111,12 +112,12 @@ def load_hub_refcoco(
 
 
 def load_hub_refcoco_benchmark(
-    name_or_path: Union[str, os.PathLike],
+    name_or_path: str | os.PathLike,
     split: str,
     *,
-    cache_dir: Optional[str] = None,
+    cache_dir: str | None = None,
     return_skipped: bool = False,
-) -> Union[datasets.Dataset, tuple[datasets.Dataset, SkippedRecords]]:
+) -> datasets.Dataset | tuple[datasets.Dataset, SkippedRecords]:
     """Load one evaluation split of ``jxu124/refcoco-benchmark`` (see :data:`BENCHMARK_SPLITS`), one example per
     sentence, with the embedded images.
 
@@ -166,7 +167,7 @@ def load_hub_refcoco_benchmark(
 
 
 def _load_parquet_split(
-    name_or_path: Union[str, os.PathLike], split: str, cache_dir: Optional[str]
+    name_or_path: str | os.PathLike, split: str, cache_dir: str | None
 ) -> tuple[datasets.Dataset, str]:
     """The split as a Dataset, read from the Hub or from a local folder of parquet files, and a name for it."""
     folder = Path(name_or_path).expanduser()
@@ -205,7 +206,7 @@ def parquet_files_by_split(folder: Path) -> dict[str, list[Path]]:
     return files_by_split
 
 
-def _is_hub_id(name_or_path: Union[str, os.PathLike]) -> bool:
+def _is_hub_id(name_or_path: str | os.PathLike) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path))) and not Path(name_or_path).exists()
 
 
@@ -242,7 +243,7 @@ def _mirror_annotation(row: dict) -> dict:
     return annotation
 
 
-def _parse_json(text: Optional[str], column: str) -> Any:
+def _parse_json(text: str | None, column: str) -> Any:
     try:
         return json.loads(text) if text else {}
     except json.JSONDecodeError as error:

@@ -4,8 +4,8 @@ Every expression of every object is scored at its image's original resolution wi
 ``metrics/referring_segmentation`` (oIoU, mIoU, Prec@0.5-0.9, boundary F; percentages), and every split is scored on
 its own: splits are never pooled.
 
-The command line is ``python training/evaluate.py`` (see :func:`main`); this module holds the code so that it can be
-imported by name (``training/evaluate.py`` cannot be: its name is the `evaluate` library's).
+The command line is ``sera-evaluate`` or ``python training/evaluate_model.py`` (see :func:`main`). Flags are spelled
+with underscores, as ``sera-train``'s (``--coco_image_dir``); the dashed spellings (``--coco-image-dir``) also work.
 """
 
 import argparse
@@ -13,29 +13,33 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
-import evaluate
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data_sources import SOURCE_FORMS, load_examples, parse_source
+from modeling_sera.modeling_sera import MODEL_INPUT_NAMES  # what the forward takes of the processor's output
+from sera_training.data_sources import SOURCE_FORMS, load_examples, parse_source
+from sera_training.metrics.referring_segmentation.referring_segmentation import (
+    _check_categories,
+    mask_pair_counts,
+    scores_from_counts,
+)
 
 
 logger = logging.getLogger(__name__)
 
+# The metric as an `evaluate` module: evaluate.load(str(METRIC_PATH)). Scoring here calls its functions directly.
 METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "referring_segmentation"
-# The processor returns more (original_sizes, letterbox geometry...) than the model's forward accepts.
-MODEL_INPUT_NAMES = ("pixel_values", "input_ids", "attention_mask")
 TABLE_COLUMNS = ("oIoU", "mIoU", "Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9")
 RESULTS_START = "<!-- results start: {name} -->"
 RESULTS_END = "<!-- results end: {name} -->"
-PROG = "training/evaluate.py"
+PROG = "sera-evaluate"
 
 
-def resolve_device(device: Optional[Union[str, torch.device]], model: torch.nn.Module) -> torch.device:
+def resolve_device(device: str | torch.device | None, model: torch.nn.Module) -> torch.device:
     """``None``: where the model already is; ``"auto"``: a GPU when there is one; anything else as torch reads it."""
     if device is None:
         parameter = next(model.parameters(), None)
@@ -78,36 +82,52 @@ def evaluate_referring_segmentation(
     device = resolve_device(device, model)
     model.to(device)
     model.eval()
-    model_dtype = getattr(model, "dtype", None)
-    # The cache holds a few counts per expression, never masks, so memory is the right place for it.
-    metric = evaluate.load(str(METRIC_PATH), keep_in_memory=True)
-
     total = math.ceil(len(dataset) / batch_size) if hasattr(dataset, "__len__") else None
     batches = tqdm(
         dataset.iter(batch_size=batch_size), total=total, disable=not show_progress, desc="Evaluating", unit="batch"
     )
-    records = []
+    counts, categories = [], []
     with torch.inference_mode():
         for rows in batches:
-            # Some COCO images are greyscale; the processor expects RGB.
-            images = [image.convert("RGB") for image in rows["image"]]
-            inputs = processor(images=images, text=rows["expression"], return_tensors="pt")
-            model_inputs = {name: inputs[name].to(device) for name in MODEL_INPUT_NAMES if name in inputs}
-            if model_dtype is not None and model_inputs["pixel_values"].is_floating_point():
-                model_inputs["pixel_values"] = model_inputs["pixel_values"].to(model_dtype)
-            outputs = model(**model_inputs)
-            predictions = processor.post_process_referring_segmentation(outputs, target_sizes=inputs["original_sizes"])
-            predicted = [_to_numpy(prediction["mask"]) for prediction in predictions]
-            references = [np.asarray(mask) for mask in rows["mask"]]
-            metric.add_batch(predictions=predicted, references=references, categories=rows.get("category"))
-            if record_samples:
-                categories = rows.get("category") or [""] * len(predicted)
-                for prediction, reference, category in zip(predicted, references, categories):
-                    records.append(
-                        {"index": len(records), "iou": mask_iou(prediction, reference), "category": category}
-                    )
-    results = metric.compute()
-    return (results, records) if record_samples else results
+            counts += batch_counts(model, processor, rows, device)
+            categories += rows.get("category") or [""] * len(rows["expression"])
+    return scores_and_records(counts, categories, record_samples)
+
+
+def predict_masks(model, processor, images, expressions, device) -> list[np.ndarray]:
+    """The model's masks for (image, expression) pairs, each at its image's original size (numpy bool arrays)."""
+    images = [image.convert("RGB") for image in images]  # some COCO images are greyscale; the processor wants RGB
+    inputs = processor(images=images, text=list(expressions), return_tensors="pt")
+    model_inputs = {name: inputs[name].to(device) for name in MODEL_INPUT_NAMES if name in inputs}
+    model_dtype = getattr(model, "dtype", None)
+    if model_dtype is not None and model_inputs["pixel_values"].is_floating_point():
+        model_inputs["pixel_values"] = model_inputs["pixel_values"].to(model_dtype)
+    outputs = model(**model_inputs)
+    predictions = processor.post_process_referring_segmentation(outputs, target_sizes=inputs["original_sizes"])
+    return [_to_numpy(prediction["mask"]) for prediction in predictions]
+
+
+def batch_counts(model, processor, rows, device) -> list[tuple[dict, dict]]:
+    """Predict a batch of rows (``image``, ``expression``, ``mask`` columns) and reduce every (prediction, reference)
+    pair to the metric's per-sample counts (``mask_pair_counts``): a few integers, never masks."""
+    predicted = predict_masks(model, processor, rows["image"], rows["expression"], device)
+    references = [np.asarray(mask) for mask in rows["mask"]]
+    return [mask_pair_counts(p, r, index) for index, (p, r) in enumerate(zip(predicted, references))]
+
+
+def scores_and_records(counts: list[tuple[dict, dict]], categories: list[str], record_samples: bool = False):
+    """The metric's results from per-sample counts (in dataset order); with ``record_samples`` also the records
+    ``{"index", "iou", "category"}`` (IoU as a fraction; 1 when both masks are empty, as the metric counts it)."""
+    categories = _check_categories(categories, len(counts))
+    results = scores_from_counts([c[0] for c in counts], [c[1] for c in counts], categories)
+    if not record_samples:
+        return results
+    records = []
+    for index, ((prediction, reference), category) in enumerate(zip(counts, categories)):
+        intersection = prediction["area_matched"]
+        union = prediction["area"] + reference["area"] - intersection
+        records.append({"index": index, "iou": intersection / union if union else 1.0, "category": category})
+    return results, records
 
 
 def mask_iou(prediction, reference) -> float:
@@ -156,7 +176,7 @@ def results_section(results_by_split: dict, data_name: str) -> str:
         "Scores in %, every referring expression scored at its image's original resolution, each split on its own "
         "(expressions: " + counts + "). oIoU (also called cIoU) = sum of intersections / sum of unions; mIoU (also "
         "called gIoU) = mean per-expression IoU; Prec@X = share of expressions with IoU >= X. Computed with "
-        "`training/evaluate.py`.",
+        "`sera-evaluate` (`training/evaluate_model.py`).",
         "",
         format_results_table(results_by_split),
     ]
@@ -167,7 +187,7 @@ def results_section(results_by_split: dict, data_name: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-def update_model_card(card_path: Union[str, Path], results_by_split: dict, data_name: str) -> None:
+def update_model_card(card_path: str | Path, results_by_split: dict, data_name: str) -> None:
     """Write the results section for ``data_name`` into a markdown model card.
 
     The section sits between ``<!-- results start: NAME -->`` and ``<!-- results end: NAME -->``; an existing section
@@ -192,7 +212,7 @@ def update_model_card(card_path: Union[str, Path], results_by_split: dict, data_
     card_path.write_text(card, encoding="utf-8")
 
 
-def load_model_and_processor(model_path: Union[str, Path], revision: Optional[str] = None):
+def load_model_and_processor(model_path: str | Path, revision: str | None = None):
     """Load a saved SERA folder or Hub repo id (at ``revision``) and its processor, the way ``sera-predict`` and
     ``pipeline(...)`` do (``modeling_sera.cli.load_segmenter``). Raises ``ModelSourceError`` (a ``ValueError``) with
     a one-line message for a wrong path, id or revision."""
@@ -202,23 +222,27 @@ def load_model_and_processor(model_path: Union[str, Path], revision: Optional[st
     return segmenter.model, segmenter.processor
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Score a saved referring segmentation model (oIoU, mIoU, Prec@X, boundary F; in %) on each split.",
     )
     parser.add_argument("--model", required=True, help="folder written by save_pretrained, or a Hub repo id")
     parser.add_argument("--revision", help="with a Hub repo id: the branch, tag or commit to load (default: main)")
-    parser.add_argument("--data", required=True, help=f"data source: {SOURCE_FORMS}")
+    parser.add_argument("--dataset", "--data", required=True, dest="data", help=f"data source: {SOURCE_FORMS}")
     parser.add_argument(
         "--split", required=True, action="append", dest="splits", help="a split to score; repeat for more"
     )
-    parser.add_argument("--coco-image-dir", help="COCO train2014 images (REFER files, Hub mirrors without images)")
+    parser.add_argument(
+        "--coco_image_dir", "--coco-image-dir", help="COCO train2014 images (REFER files, Hub mirrors without images)"
+    )
     parser.add_argument("--output", help="write the results as JSON to this file")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
-    parser.add_argument("--model-card", help="markdown model card whose results section to fill or replace")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--model_card", "--model-card", help="markdown model card whose results section to fill or replace"
+    )
+    parser.add_argument("--no_progress", "--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument(
         "--gallery",
         type=int,
@@ -228,10 +252,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "seeded random sample, with ground truth and prediction outlines and IoU",
     )
     parser.add_argument(
-        "--gallery-dir", help="where the contact sheets go (default: the --output file's folder, else the current one)"
+        "--gallery_dir",
+        "--gallery-dir",
+        help="where the contact sheets go (default: the --output file's folder, else the current one)",
     )
-    parser.add_argument("--gallery-seed", type=int, default=0, help="seed of the gallery's random sample (default 0)")
     parser.add_argument(
+        "--gallery_seed", "--gallery-seed", type=int, default=0, help="seed of the gallery's random sample (default 0)"
+    )
+    parser.add_argument(
+        "--word_swap",
         "--word-swap",
         action="store_true",
         help="also score whether the model reads spatial words: per category, the IoU between the masks for each "
@@ -240,7 +269,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # Check what can be checked before spending minutes on loading.
     if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
+        parser.error("--batch_size must be at least 1")
     if args.gallery < 0:
         parser.error("--gallery N takes the number of examples per category, 0 or more")
     try:
@@ -256,11 +285,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     gallery_dir = args.gallery_dir or (Path(args.output).parent if args.output else Path.cwd())
     args.gallery_dir = Path(gallery_dir)
     if args.gallery and not args.gallery_dir.is_dir():
-        parser.error(f"--gallery-dir {args.gallery_dir}: no such folder")
+        parser.error(f"--gallery_dir {args.gallery_dir}: no such folder")
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # The splits first: a wrong split name fails in seconds, before the model is loaded.
@@ -288,11 +317,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             record_samples=True,
         )
         if args.word_swap:
-            from word_swap import word_swap_iou
+            from sera_training.word_swap import word_swap_iou
 
             results_by_split[split]["word_swap"] = word_swap_iou(model, processor, dataset, batch_size=args.batch_size)
         if args.gallery:
-            from gallery import gallery_file_name, write_gallery
+            from sera_training.gallery import gallery_file_name, write_gallery
 
             path = args.gallery_dir / gallery_file_name(split)
             write_gallery(

@@ -1,6 +1,7 @@
 """Referring image segmentation metric: oIoU, mIoU, Prec@X and the DAVIS boundary F-measure.
 
-Load it with ``evaluate.load("training/metrics/referring_segmentation")``. The definitions follow section 6 of the SERA
+Load it with ``evaluate.load("sera_training/metrics/referring_segmentation")`` (or its installed folder,
+``sera_training.evaluation.METRIC_PATH``). The definitions follow section 6 of the SERA
 design note; the README.md next to this file is the metric card.
 
 Masks are reduced to a handful of integer counts per sample as soon as they are added, so evaluate's cache (an Arrow
@@ -63,7 +64,7 @@ Returns:
 
 Examples:
     >>> import numpy as np
-    >>> metric = evaluate.load("training/metrics/referring_segmentation")
+    >>> metric = evaluate.load("sera_training/metrics/referring_segmentation")
     >>> prediction = np.zeros((4, 4), dtype=bool); prediction[:2, :2] = True
     >>> reference = np.zeros((4, 4), dtype=bool); reference[:2, :] = True
     >>> metric.compute(predictions=[prediction], references=[reference])["mIoU"]
@@ -223,6 +224,33 @@ def _check_categories(categories, num_samples: int) -> list:
     return categories
 
 
+def scores_from_counts(predictions: list, references: list, categories: list) -> dict:
+    """The scores from the per-sample counts of :func:`mask_pair_counts` (one dict per side and sample) and a
+    category per sample ("" for none): what the metric computes, for callers that gather counts themselves."""
+    if len(predictions) == 0:
+        raise ValueError("No samples were added: call add_batch(predictions=..., references=...) first.")
+    intersections = np.array([counts["area_matched"] for counts in predictions], dtype=np.int64)
+    predicted_areas = np.array([counts["area"] for counts in predictions], dtype=np.int64)
+    reference_areas = np.array([counts["area"] for counts in references], dtype=np.int64)
+    unions = predicted_areas + reference_areas - intersections
+    boundary_f = boundary_f_measure(
+        np.array([counts["boundary"] for counts in predictions], dtype=np.float64),
+        np.array([counts["boundary_matched"] for counts in predictions], dtype=np.float64),
+        np.array([counts["boundary"] for counts in references], dtype=np.float64),
+        np.array([counts["boundary_matched"] for counts in references], dtype=np.float64),
+    )
+
+    results = summarize(intersections, unions, boundary_f)
+    categories = np.asarray(categories, dtype=object)
+    named_categories = sorted(set(categories) - {""})
+    if named_categories:
+        results["per_category"] = {}
+        for category in named_categories:
+            members = categories == category
+            results["per_category"][category] = summarize(intersections[members], unions[members], boundary_f[members])
+    return results
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ReferringSegmentation(evaluate.Metric):
     """oIoU, mIoU, Prec@X and boundary F for referring image segmentation, optionally per category."""
@@ -274,27 +302,4 @@ class ReferringSegmentation(evaluate.Metric):
         return super().compute(**kwargs)
 
     def _compute(self, predictions, references, categories):
-        if len(predictions) == 0:
-            raise ValueError("No samples were added: call add_batch(predictions=..., references=...) first.")
-        intersections = np.array([counts["area_matched"] for counts in predictions], dtype=np.int64)
-        predicted_areas = np.array([counts["area"] for counts in predictions], dtype=np.int64)
-        reference_areas = np.array([counts["area"] for counts in references], dtype=np.int64)
-        unions = predicted_areas + reference_areas - intersections
-        boundary_f = boundary_f_measure(
-            np.array([counts["boundary"] for counts in predictions], dtype=np.float64),
-            np.array([counts["boundary_matched"] for counts in predictions], dtype=np.float64),
-            np.array([counts["boundary"] for counts in references], dtype=np.float64),
-            np.array([counts["boundary_matched"] for counts in references], dtype=np.float64),
-        )
-
-        results = summarize(intersections, unions, boundary_f)
-        categories = np.asarray(categories, dtype=object)
-        named_categories = sorted(set(categories) - {""})
-        if named_categories:
-            results["per_category"] = {}
-            for category in named_categories:
-                members = categories == category
-                results["per_category"][category] = summarize(
-                    intersections[members], unions[members], boundary_f[members]
-                )
-        return results
+        return scores_from_counts(predictions, references, categories)

@@ -1,6 +1,6 @@
 """One entry point from a data-source string to examples in the shared schema (see ``data_schema.py``).
 
-Scripts take ``--data SOURCE`` and call :func:`load_examples`; the loaders themselves live in ``synthetic_data.py``,
+Scripts take ``--dataset SOURCE`` and call :func:`load_examples`; the loaders themselves live in ``synthetic_data.py``,
 ``refer_data.py`` and ``hub_data.py`` and are imported only when their source is used, so evaluating on synthetic data
 needs neither pycocotools nor COCO images.
 
@@ -22,7 +22,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 import datasets
 
@@ -55,7 +54,13 @@ class DataSource:
         return self.location if _HUB_ID.fullmatch(self.location) else Path(self.location).resolve().name
 
 
-def parse_source(source: Union[str, os.PathLike]) -> DataSource:
+def _synthetic_splits():
+    from sera_training import synthetic_data
+
+    return synthetic_data.build_synthetic_dataset()
+
+
+def parse_source(source: str | os.PathLike) -> DataSource:
     """Check a data-source string without loading anything; raise ``ValueError`` with the accepted forms if unknown."""
     source = str(source)
     if source == SYNTHETIC_SOURCE:
@@ -77,8 +82,28 @@ def parse_source(source: Union[str, os.PathLike]) -> DataSource:
     raise ValueError(f"Unknown data source {source!r}. Expected {SOURCE_FORMS}.")
 
 
+def load_source_splits(
+    source: str | os.PathLike,
+    splits: list[str],
+    coco_image_dir: str | os.PathLike | None = None,
+    **synthetic_options,
+) -> dict[str, datasets.Dataset]:
+    """``{split: examples}`` for each of ``splits`` that the source has (a REFER or Hub source raises for a split it
+    lacks). ``synthetic_options`` go to ``synthetic_data.build_synthetic_dataset`` (cache_dir, seed, num_images)."""
+    parsed = parse_source(source)
+    if parsed.kind == "synthetic":
+        from sera_training import synthetic_data
+
+        everything = synthetic_data.build_synthetic_dataset(**synthetic_options)
+    elif parsed.kind == "saved":
+        everything = datasets.load_from_disk(parsed.location)
+    else:
+        return {split: load_examples(source, split, coco_image_dir=coco_image_dir) for split in splits}
+    return {split: everything[split] for split in splits if split in everything}
+
+
 def load_examples(
-    source: Union[str, os.PathLike], split: str, coco_image_dir: Optional[Union[str, os.PathLike]] = None
+    source: str | os.PathLike, split: str, coco_image_dir: str | os.PathLike | None = None
 ) -> datasets.Dataset:
     """Load one split of a data source as a ``datasets.Dataset`` with the schema of ``data_schema.EXAMPLE_FEATURES``.
 
@@ -89,35 +114,29 @@ def load_examples(
             mirrors without embedded images.
     """
     parsed = parse_source(source)
-    if parsed.kind == "synthetic":
-        import synthetic_data
-
-        splits = synthetic_data.build_synthetic_dataset()
-        if split not in splits:
-            raise ValueError(f"The synthetic dataset has no split {split!r}; its splits are: {', '.join(splits)}.")
-        return splits[split]
-
-    if parsed.kind == "saved":
-        splits = datasets.load_from_disk(parsed.location)
-        if split not in splits:
-            raise ValueError(f"{parsed.location} has no split {split!r}; its splits are: {', '.join(splits)}.")
-        return splits[split]
+    if parsed.kind in ("synthetic", "saved"):
+        found = load_source_splits(source, [split])
+        if split not in found:
+            everything = datasets.load_from_disk(parsed.location) if parsed.kind == "saved" else _synthetic_splits()
+            where = parsed.location if parsed.kind == "saved" else "The synthetic dataset"
+            raise ValueError(f"{where} has no split {split!r}; its splits are: {', '.join(everything)}.")
+        return found[split]
 
     if parsed.kind == "refer":
-        import refer_data
+        from sera_training import refer_data
 
         return refer_data.load_refer_dataset(
             parsed.location, dataset=parsed.dataset, split_by=parsed.split_by, split=split, image_dir=coco_image_dir
         )
 
-    import hub_data
+    from sera_training import hub_data
 
     if split in hub_data.BENCHMARK_SPLITS or parsed.location.rstrip("/").endswith("refcoco-benchmark"):
         return hub_data.load_hub_refcoco_benchmark(parsed.location, split)
     if coco_image_dir is None:
         raise ValueError(
             f"{parsed.location} (split {split!r}) is read as a RefCOCO mirror without images, so it needs the COCO "
-            "train2014 image folder: pass coco_image_dir (--coco-image-dir). For the benchmark layout with embedded "
+            "train2014 image folder: pass coco_image_dir (--coco_image_dir). For the benchmark layout with embedded "
             f"images, use one of its splits: {', '.join(hub_data.BENCHMARK_SPLITS)}."
         )
     return hub_data.load_hub_refcoco(parsed.location, split, coco_image_dir)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from synthetic_scenes import ATTRIBUTE_VALUES, Scene, SceneObject
+
+from sera_training.synthetic_scenes import ATTRIBUTE_VALUES, Scene, SceneObject
 
 
 CATEGORIES = ("attribute", "location", "relation", "comparison")

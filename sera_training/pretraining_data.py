@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from synthetic_data import GENERATOR_VERSION, generate_pretraining_examples
-from synthetic_scenes import ATTRIBUTE_VALUES
+
+from sera_training.synthetic_data import GENERATOR_VERSION, generate_pretraining_examples
+from sera_training.synthetic_scenes import ATTRIBUTE_VALUES
 
 
 __all__ = [

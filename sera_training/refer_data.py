@@ -24,16 +24,17 @@ import logging
 import os
 import pickle
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any
 
 import datasets
 from PIL import Image
 
-from coco_masks import DegeneratePolygonError, MaskDecodeError, decode_segmentation, mask_to_image
-from data_schema import EXAMPLE_FEATURES, SkippedRecords
-from safe_pickle import load_pickle_safely
+from sera_training.coco_masks import DegeneratePolygonError, MaskDecodeError, decode_segmentation, mask_to_image
+from sera_training.data_schema import EXAMPLE_FEATURES, SkippedRecords
+from sera_training.safe_pickle import load_pickle_safely
 
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class CheckedImage:
     value: dict  # what goes in the "image" column: {"path": ..., "bytes": ...}
     width: int  # stored pixel size, the frame COCO annotations are drawn in
     height: int
-    orientation: Optional[Image.Transpose]  # EXIF transpose `datasets` applies on decode, or None
+    orientation: Image.Transpose | None  # EXIF transpose `datasets` applies on decode, or None
     name: str  # for messages
 
 
@@ -105,9 +106,9 @@ class RefRowBuilder:
     def __init__(self, source: str):
         self.source = source
         self.skipped = SkippedRecords(source)
-        self._checked_files: dict[str, Union[CheckedImage, BadRecord]] = {}
+        self._checked_files: dict[str, CheckedImage | BadRecord] = {}
 
-    def open_image_file(self, path: Union[str, os.PathLike]) -> CheckedImage:
+    def open_image_file(self, path: str | os.PathLike) -> CheckedImage:
         """Check an image file once (many refs share an image), raising :class:`BadRecord` if it is unusable."""
         path = str(path)
         if path not in self._checked_files:
@@ -122,7 +123,7 @@ class RefRowBuilder:
             raise checked
         return checked
 
-    def open_image_bytes(self, data: Optional[bytes], name: str, path: Optional[str] = None) -> CheckedImage:
+    def open_image_bytes(self, data: bytes | None, name: str, path: str | None = None) -> CheckedImage:
         """Check an image embedded in a dataset row, raising :class:`BadRecord` if it is unusable."""
         if not data:
             raise BadRecord(MISSING_IMAGE, f"{name} has no image bytes")
@@ -133,7 +134,7 @@ class RefRowBuilder:
         ref: dict,
         segmentation: Any,
         image: CheckedImage,
-        annotated_size: Optional[tuple[int, int]] = None,
+        annotated_size: tuple[int, int] | None = None,
     ) -> list[dict]:
         """One row per usable sentence of ``ref``, whose object is ``segmentation`` drawn on ``image``.
 
@@ -177,7 +178,7 @@ class RefRowBuilder:
         for _ in range(max(1, len(sentences) if isinstance(sentences, list) else 1)):
             self.skipped.skip(bad.reason, f"ref {ref_id}: {bad.detail}")
 
-    def _mask_png(self, segmentation: Any, image: CheckedImage, annotated_size: Optional[tuple[int, int]]) -> bytes:
+    def _mask_png(self, segmentation: Any, image: CheckedImage, annotated_size: tuple[int, int] | None) -> bytes:
         height, width = annotated_size if annotated_size is not None else (image.height, image.width)
         if (image.height, image.width) != (height, width):
             raise BadRecord(
@@ -215,7 +216,7 @@ def repair_python2_text(text: str) -> str:
 def examples_to_dataset(
     generate_rows: Callable[[], Iterator[dict]],
     skipped: SkippedRecords,
-    cache_dir: Optional[str] = None,
+    cache_dir: str | None = None,
 ) -> datasets.Dataset:
     """Write the rows to an Arrow dataset on disk, log the skip report, and fail if no row survived."""
     produced = 0
@@ -245,7 +246,7 @@ def examples_to_dataset(
     return dataset
 
 
-def annotated_size(image_info: dict) -> Optional[tuple[int, int]]:
+def annotated_size(image_info: dict) -> tuple[int, int] | None:
     """The (height, width) a COCO image record declares, or None when it does not say."""
     if image_info.get("height") is None or image_info.get("width") is None:
         return None
@@ -258,15 +259,15 @@ def coco_train2014_file_name(image_id: int) -> str:
 
 
 def load_refer_dataset(
-    refer_root: Union[str, os.PathLike],
+    refer_root: str | os.PathLike,
     dataset: str = "refcoco",
     split_by: str = "unc",
     split: str = "val",
-    image_dir: Optional[Union[str, os.PathLike]] = None,
+    image_dir: str | os.PathLike | None = None,
     *,
-    cache_dir: Optional[str] = None,
+    cache_dir: str | None = None,
     return_skipped: bool = False,
-) -> Union[datasets.Dataset, tuple[datasets.Dataset, SkippedRecords]]:
+) -> datasets.Dataset | tuple[datasets.Dataset, SkippedRecords]:
     """Load one split of RefCOCO / RefCOCO+ / RefCOCOg / RefCLEF from REFER files, one example per sentence.
 
     Args:

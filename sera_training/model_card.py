@@ -1,10 +1,10 @@
-"""The model card of a published SERA checkpoint, rendered from the template ``MODEL_CARD.md`` at the repository root.
+"""The model card of a published SERA checkpoint, rendered from the template ``MODEL_CARD.md`` next to this file.
 
 The card is built with huggingface_hub's ``ModelCard``, ``ModelCardData`` and ``EvalResult``: its YAML metadata holds
 the scores as a model-index (which the Hub shows on the model page), its text says what SERA is, how to use the
 checkpoint, how it was trained and what each score means. ``training/push.py`` writes it as the repo's README.md.
 
-Scores come from the JSON reports of ``training/evaluate.py --output`` or ``train.py``'s ``eval_results.json``:
+Scores come from the JSON reports of ``sera-evaluate --output`` or ``train.py``'s ``eval_results.json``:
 ``{"data": "refcoco(unc)", "units": "percent", "splits": {"val": {"oIoU": ..., "mIoU": ..., ...}, ...}}``.
 """
 
@@ -14,12 +14,12 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from evaluation import TABLE_COLUMNS, results_section
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from sera_training.evaluation import TABLE_COLUMNS, results_section
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE_PATH = REPO_ROOT / "MODEL_CARD.md"
+
+TEMPLATE_PATH = Path(__file__).resolve().parent / "MODEL_CARD.md"
 # The Hub has no referring-segmentation task; image-segmentation is the closest one it lists.
 HUB_TASK = "image-segmentation"
 TASK_NAME = "Referring Image Segmentation"
@@ -56,14 +56,14 @@ def load_results(path: str | os.PathLike) -> dict:
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"Results file not found: {path}. Write one with training/evaluate.py --output.")
+        raise FileNotFoundError(f"Results file not found: {path}. Write one with sera-evaluate --output.") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); pass a file written by training/evaluate.py --output.")
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); pass a file written by sera-evaluate --output."
+        ) from None
     splits = report.get("splits") if isinstance(report, dict) else None
     if not isinstance(splits, dict) or not isinstance(report.get("data"), str):
-        raise ValueError(
-            f"{path} has no 'data' name and 'splits' scores; pass a file written by training/evaluate.py."
-        )
+        raise ValueError(f"{path} has no 'data' name and 'splits' scores; pass a file written by sera-evaluate.")
     for split, scores in splits.items():
         missing = [column for column in TABLE_COLUMNS if column not in scores]
         if missing:

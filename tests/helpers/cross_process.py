@@ -12,6 +12,11 @@ logits (upsampling with non-negative weights moves no value by more than the lar
 sigmoid moves it by at most a quarter of that).
 """
 
+import os
+import subprocess
+import sys
+import tempfile
+
 import torch
 
 
@@ -39,3 +44,15 @@ def assert_masks_are_stable(processor, logits: torch.Tensor, target_sizes, thres
             "a pixel's probability lies within the cross-process tolerance of the threshold: exact mask comparison "
             "would depend on the CPU; choose other inputs or weights"
         )
+
+
+def run_in_fresh_process(script: str, folder, marker: str):
+    """Runs ``python -c script`` in ``folder`` as a user's fresh process would: without this repository on
+    PYTHONPATH, offline, with an empty HF_HOME. Asserts that it printed ``marker``; returns the CompletedProcess."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=tempfile.mkdtemp(dir=folder), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=folder, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert marker in result.stdout, result.stderr[-3000:]
+    return result
