@@ -52,7 +52,7 @@ class SeraTunerConfig(PeftConfig):
 
     Applied to a [`SeraForReferringSegmentation`], the tuner injects SERA-Adapters into the vision blocks listed in
     `adapter_layers` and a SERA-Fusion at each level listed in `fusion_levels`, and trains the paper's set (see
-    `modeling_sera.modeling_sera.trained_key_prefixes`, the one definition both this tuner and
+    `modeling_sera.sera_parameters.trained_key_prefixes`, the one definition both this tuner and
     `SeraForReferringSegmentation.freeze_encoders` use): those modules, the encoders' LayerNorm and bias terms and the
     segmentation head (neck, decoder, projector, word_proj). Everything else stays frozen.
 

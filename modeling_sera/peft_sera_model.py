@@ -27,10 +27,11 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .modeling_sera import is_under_prefixes, sentence_width, set_trainable, trained_key_prefixes, vision_blocks
+from .modeling_sera import sentence_width, vision_blocks
 from .peft_sera_config import SERA_ADAPTER_FIELDS, SERA_FUSION_FIELDS, SeraTunerConfig
 from .peft_sera_layer import SeraAdapterLayer, SeraFusionLayer, SeraLayer
 from .sera_adapter import SeraAdaptedMLP, SeraAdapter
+from .sera_parameters import is_under_prefixes, set_trainable, trained_key_prefixes
 
 
 CHECKPOINT_PREFIX = "base_model.model."  # what peft puts in front of every key of a PeftModel's state dict

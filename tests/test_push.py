@@ -34,6 +34,7 @@ REMOTE_CODE = (
     "sera_conv.py",
     "sera_fusion.py",
     "sera_head.py",
+    "sera_parameters.py",
     "sera_positions.py",
     "sera_routing.py",
     "processing_sera.py",
