@@ -111,7 +111,10 @@ class RecipeArguments:
     )
     vision_model_name_or_path: str | None = None
     text_model_name_or_path: str | None = None
-    tuning: Literal["auto", "peft", "freeze"] = "auto"
+    # How SERA's modules come in; the trainable set is the same either way (modeling_sera.trained_key_prefixes).
+    # "peft": injected by the PEFT tuner into a plain base model, merged at export; "freeze": built in, with
+    # freeze_encoders(). "auto" is the old spelling of "peft".
+    tuning: Literal["peft", "freeze", "auto"] = "peft"
     # optimisation
     optimizer: Literal["adam", "adamw"] = "adam"
     learning_rate: float = 1e-4
@@ -294,6 +297,6 @@ def check_settings(args: SeraTrainingArguments) -> None:
     if args.final_weights not in ("best", "last"):
         raise TrainingError(f"final_weights must be 'best' or 'last', got {args.final_weights!r}.")
     if args.tuning not in ("auto", "peft", "freeze"):
-        raise TrainingError(f"tuning must be auto, peft or freeze, got {args.tuning!r}.")
+        raise TrainingError(f"tuning must be peft or freeze, got {args.tuning!r}.")
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise TrainingError("--stop_after_steps must be at least 1.")

@@ -159,25 +159,17 @@ def load_encoders(model: SeraForReferringSegmentation, source: EncoderSource) ->
 # The trainable model, optimizer and schedule
 
 
-def sera_tuner_available() -> bool:
-    return hasattr(modeling_sera, "SeraTunerConfig")
-
-
 def build_trainable_model(
     config: SeraConfig, args: SeraTrainingArguments, encoders: EncoderSource | None
 ) -> tuple[torch.nn.Module, str]:
     """SERA in the paper's regime, its encoders loaded from ``encoders`` (random when None).
 
-    With the PEFT tuner (``modeling_sera.SeraTunerConfig``) the base model is built without SERA modules and
-    ``peft.get_peft_model`` injects them; otherwise SERA is built with them and ``freeze_encoders()`` sets the
-    trainable set. What trains is modeling_sera's decision either way. Returns the model and the way it was made
+    With ``tuning="peft"`` the base model is built without SERA modules and ``peft.get_peft_model`` injects them
+    (``modeling_sera.SeraTunerConfig``); with ``"freeze"`` SERA is built with them and ``freeze_encoders()`` sets
+    the trainable set. What trains is modeling_sera's decision either way. Returns the model and the way it was made
     ("peft" or "freeze"); :func:`plain_model` turns either into a plain ``SeraForReferringSegmentation``.
     """
-    tuning = args.tuning
-    if tuning == "auto":
-        tuning = "peft" if sera_tuner_available() else "freeze"
-    if tuning == "peft" and not sera_tuner_available():
-        raise TrainingError("tuning='peft' needs modeling_sera.SeraTunerConfig, which this install does not have.")
+    tuning = "peft" if args.tuning == "auto" else args.tuning
 
     base_config = copy.deepcopy(config)
     if tuning == "peft":
