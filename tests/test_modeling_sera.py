@@ -582,3 +582,28 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(use_reen
     assert len(outputs.adapter_router_weights) == 2  # the router weights come back out of the checkpoints
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_projector_upsample_factor_sets_the_logits_grid_and_keeps_detris_layout_at_4(factor):
+    config = tiny_sera_config(projector_upsample_factor=factor)
+    model = SeraForReferringSegmentation(config).eval()
+    batch = tiny_batch(config=config)
+    labels = torch.zeros(2, config.image_size, config.image_size)
+    labels[:, :4, :4] = 1
+    outputs = model(**batch, labels=labels)
+    grid = config.image_size // config.vision_patch_size
+    assert outputs.logits.shape == (2, 1, grid * factor, grid * factor)
+    assert torch.isfinite(outputs.loss)
+    convs = [
+        name for name, module in model.projector.upsample.named_children() if isinstance(module, torch.nn.Sequential)
+    ]
+    upsamplings = [m for m in model.projector.upsample if isinstance(m, torch.nn.Upsample)]
+    assert len(upsamplings) == {1: 0, 2: 1, 4: 2}[factor] and len(convs) == max(1, len(upsamplings))
+    if factor == 4:  # DETRIS's x4 projector, module for module: older checkpoints load into it unchanged
+        assert convs == ["1", "3"] and isinstance(model.projector.upsample[4], torch.nn.Conv2d)
+
+
+def test_projector_upsample_factor_rejects_other_values():
+    with pytest.raises(ValueError, match="projector_upsample_factor=3 must be 1, 2 or 4"):
+        tiny_sera_config(projector_upsample_factor=3)
