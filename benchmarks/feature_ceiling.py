@@ -20,7 +20,6 @@ the result.
 """
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -76,19 +75,13 @@ class PerfectPatchFeatures:
         return self.cache[image_id]
 
 
-def parse_overrides(text: str) -> dict:
-    """'name=value,...' with JSON values (numbers, true/false), as train.py's --config_overrides."""
-    overrides = {}
-    for item in filter(None, text.split(",")):
-        name, value = item.split("=", 1)
-        overrides[name.strip()] = json.loads(value)
-    return overrides
-
-
 def build_head_model(
-    perfect: PerfectPatchFeatures | None, overrides: dict, freeze: bool = True
+    perfect: PerfectPatchFeatures | None, overrides: str, freeze: bool = True
 ) -> SeraForReferringSegmentation:
-    config = SeraConfig.from_pretrained(TINY_CONFIG, use_sera_adapter=False, use_sera_fusion=False, **overrides)
+    config = SeraConfig.from_pretrained(TINY_CONFIG, use_sera_adapter=False, use_sera_fusion=False)
+    if overrides:  # parsed as train.py's --config_overrides are (sera_training.builders.load_model_config)
+        config.update_from_string(overrides)
+        config.check_settings()
     model = SeraForReferringSegmentation(config)
     load_encoder_weights(model.model.vision_model, AutoModel.from_pretrained(TINY_CONFIG / "vision_encoder"))
     load_encoder_weights(
@@ -124,7 +117,7 @@ def train_and_score(arm: str, splits, processor, args) -> dict:
     perfect = None
     if arm == "perfect features":
         perfect = PerfectPatchFeatures(config.image_size, config.vision_patch_size, config.vision_config.hidden_size)
-    model = build_head_model(perfect, parse_overrides(args.config_overrides), freeze=arm != "fine-tuned tower")
+    model = build_head_model(perfect, args.config_overrides, freeze=arm != "fine-tuned tower")
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     decay_step = round(args.steps * 60 / 65)  # the default recipe's one x0.1 decay
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[decay_step], gamma=0.1)

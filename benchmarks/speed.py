@@ -35,10 +35,13 @@ from benchmark_utils import (
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def count_flops(config_path, image_size, variant: str, batch_size: int = 1, backward: bool = False) -> int:
-    """FLOPs of one forward (and backward, in the PEFT regime) of a variant, counted on the meta device."""
+def count_flops(
+    config_path, image_size, variant: str, batch_size: int = 1, backward: bool = False, **overrides
+) -> int:
+    """FLOPs of one forward (and backward, in the PEFT regime) of a variant, counted on the meta device; `overrides`
+    change config fields."""
     model_variant = "baseline" if variant == "encoders" else variant
-    model = build_model(config_path, model_variant, image_size=image_size, device="meta")
+    model = build_model(config_path, model_variant, image_size=image_size, device="meta", **overrides)
     inputs = make_inputs(model.config, batch_size, device="meta", labels=backward)
     # No attention_mask on meta: the text tower reads the mask's values to pick a fast path. The mask changes no FLOP
     # count (attention runs over the padded length either way).
