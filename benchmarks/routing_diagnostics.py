@@ -22,7 +22,7 @@ from accuracy_ablations import recipe_split  # benchmarks/ is first on sys.path 
 from benchmark_utils import markdown_table
 
 from modeling_sera import SeraForReferringSegmentation, SeraProcessor
-from modeling_sera.sera_adapter import SeraAdaptedMLP
+from modeling_sera.sera_adapter import ADAPTER_EXPERT_NAMES, SeraAdaptedMLP
 from modeling_sera.sera_fusion import FUSION_EXPERT_NAMES, SeraFusion
 
 
@@ -74,9 +74,19 @@ def collect(model, processor, dataset, batch_size: int) -> dict:
             fusion = (
                 torch.stack(outputs.fusion_router_weights).float().mean(0) if outputs.fusion_router_weights else None
             )
+            # One weight vector per sample and router kind: the fusion routers averaged over levels, the adapter
+            # routers over adapted blocks and tokens.
+            adapter = [w for w in outputs.adapter_router_weights or () if w is not None]
+            adapter = (
+                torch.stack([w.float().reshape(len(w), -1, w.shape[-1]).mean(1) for w in adapter]).mean(0)
+                if adapter
+                else None
+            )
             for index, category in enumerate(rows["category"]):
                 if fusion is not None:
                     weights_by_category[category]["fusion"].append(fusion[index])
+                if adapter is not None:
+                    weights_by_category[category]["adapter"].append(adapter[index])
     for hook in hooks:
         hook.remove()
     return {"ratios": ratios, "logits": logits_by_level, "weights": weights_by_category}
@@ -122,6 +132,19 @@ def main():
         print("\nPer-category mean fusion weights against the overall mean (largest absolute gap over experts):\n")
         print(markdown_table(["category", "samples", "largest gap"], gap_rows))
         report["category_gaps"] = {row[0]: float(row[2]) for row in gap_rows}
+    report["mean_weights_by_category"] = {}
+    for kind, names in (("fusion", FUSION_EXPERT_NAMES), ("adapter", ADAPTER_EXPERT_NAMES)):
+        table = {
+            category: torch.stack(values[kind]).mean(0).tolist()
+            for category, values in sorted(found["weights"].items())
+            if values.get(kind)
+        }
+        if not table:
+            continue
+        report["mean_weights_by_category"][kind] = {"experts": list(names), **table}
+        print(f"\nMean {kind} router weight per expert, by category:\n")
+        rows = [[category, *(f"{w:.3f}" for w in weights)] for category, weights in table.items()]
+        print(markdown_table(["category", *names], rows))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -126,6 +126,12 @@ class RecipeArguments:
         default_factory=lambda: [35, 55], metadata=_meta("epochs (of num_train_epochs) where lr *= lr_gamma")
     )
     lr_gamma: float = 0.1
+    # [ours] "multistep" is the paper's step decay (lr_milestones, lr_gamma); "linear" and "cosine" are transformers'
+    # schedules from the peak to zero, which a run cut to a few hundred steps can afford where step decay cannot.
+    lr_scheduler_type: Literal["multistep", "linear", "cosine"] = field(
+        default="multistep", metadata=_meta("'multistep' (the paper's), or 'linear' / 'cosine' decay to zero")
+    )
+    warmup_ratio: float = field(default=0.0, metadata=_meta("share of the optimizer steps spent warming up"))
     num_train_epochs: int = field(
         default=65, metadata=_meta("on the command line, also clears the recipe's max_train_steps")
     )
@@ -292,6 +298,10 @@ def check_settings(args: SeraTrainingArguments) -> None:
             raise TrainingError(f"{name} must be at least 1 (or none), got {value}.")
     if not args.learning_rate > 0:
         raise TrainingError(f"learning_rate must be positive, got {args.learning_rate}.")
+    if args.lr_scheduler_type not in ("multistep", "linear", "cosine"):
+        raise TrainingError(f"lr_scheduler_type must be multistep, linear or cosine, got {args.lr_scheduler_type!r}.")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        raise TrainingError(f"warmup_ratio must be in [0, 1), got {args.warmup_ratio}.")
     if sorted(args.lr_milestones) != list(args.lr_milestones):
         raise TrainingError(f"lr_milestones must be increasing, got {args.lr_milestones}.")
     if args.final_weights not in ("best", "last"):

@@ -15,6 +15,7 @@ import datasets
 import torch
 from accelerate.logging import get_logger
 from torch.utils.data import DataLoader
+from transformers import get_scheduler
 
 import modeling_sera
 from modeling_sera import SeraConfig, SeraForReferringSegmentation, SeraProcessor
@@ -230,14 +231,30 @@ def milestone_steps(args: SeraTrainingArguments, total_steps: int) -> list[int]:
     return [max(1, round(milestone * total_steps / args.num_train_epochs)) for milestone in args.lr_milestones]
 
 
+def describe_lr_schedule(args: SeraTrainingArguments, total_steps: int) -> str:
+    """The schedule in a few words, for the run's log."""
+    if args.lr_scheduler_type == "multistep":
+        return f"x{args.lr_gamma} at steps {milestone_steps(args, total_steps)}"
+    return f"{args.lr_scheduler_type} to 0 after {round(args.warmup_ratio * total_steps)} warm-up steps"
+
+
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, args: SeraTrainingArguments, total_steps: int):
-    """The learning-rate schedule: ``lr *= lr_gamma`` once ``milestone / num_train_epochs`` of the optimizer steps are
-    done, so a run cut short with ``max_train_steps`` keeps the paper's proportions (35/65 and 55/65 of the run).
+    """The learning-rate schedule. ``multistep`` (the paper's): ``lr *= lr_gamma`` once ``milestone /
+    num_train_epochs`` of the optimizer steps are done, so a run cut short with ``max_train_steps`` keeps the paper's
+    proportions (35/65 and 55/65 of the run). ``linear`` / ``cosine``: transformers' schedules, a linear warm-up over
+    ``warmup_ratio`` of the steps and then a decay to zero at the last step.
 
     Stepped by the loop once per optimizer step, never prepared by accelerate, so its count does not depend on the
     number of processes. ``optimizer`` may be accelerate's wrapper; the schedule drives the torch optimizer inside.
     """
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)
+    warmup_steps = round(args.warmup_ratio * total_steps)
+    if args.lr_scheduler_type != "multistep":
+        return get_scheduler(
+            args.lr_scheduler_type, torch_optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps
+        )
+    if warmup_steps:
+        raise TrainingError("warmup_ratio needs lr_scheduler_type linear or cosine; the paper's step decay has none.")
     return torch.optim.lr_scheduler.MultiStepLR(
         torch_optimizer, milestones=milestone_steps(args, total_steps), gamma=args.lr_gamma
     )

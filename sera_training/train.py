@@ -146,7 +146,7 @@ def train(args, config, accelerator: Accelerator, callbacks=()) -> int:
     logger.info(
         f"{len(train_data)} training expressions, {accelerator.num_processes} process(es), global batch "
         f"{global_batch}, {steps_per_epoch} steps per epoch, {total_steps} steps ({num_epochs} epochs), lr "
-        f"{args.learning_rate} x{args.lr_gamma} at steps {builders.milestone_steps(args, total_steps)}; tuning: "
+        f"{args.learning_rate} {builders.describe_lr_schedule(args, total_steps)}; tuning: "
         f"{tuning}; trainable {num_trainable:,} of {num_total:,} parameters"
     )
     checkpointer.restore_best()

@@ -99,6 +99,39 @@ def test_collator_flips_image_mask_and_words_together():
     assert torch.equal(flipped["input_ids"], right)
 
 
+def test_lr_schedules_warm_up_and_decay_to_zero():
+    def learning_rates(scheduler_args, total_steps):
+        args = arguments.parse_args(["--config_name", str(TINY_CONFIG), *scheduler_args])
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+        scheduler = builders.build_lr_scheduler(optimizer, args, total_steps)
+        rates = []
+        for _ in range(total_steps):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return args.learning_rate, rates, scheduler
+
+    peak, rates, _ = learning_rates(["--lr_scheduler_type", "multistep"], 130)
+    assert rates[:120] == [peak] * 120 and rates[120] == pytest.approx(peak * 0.1)  # step 60/65 of 130
+    peak, rates, scheduler = learning_rates(["--lr_scheduler_type", "linear", "--warmup_ratio", "0.1"], 100)
+    assert rates[0] == 0 and rates[5] == pytest.approx(peak / 2) and rates[10] == pytest.approx(peak)
+    assert rates[55] == pytest.approx(peak / 2) and rates[-1] == pytest.approx(peak / 90)
+    assert all(a <= b for a, b in zip(rates[:10], rates[1:11])) and all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    # Its state is what a checkpoint stores: a fresh schedule that loads it goes on where this one stopped.
+    args = arguments.parse_args(["--config_name", str(TINY_CONFIG), "--lr_scheduler_type", "linear"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    resumed = builders.build_lr_scheduler(optimizer, args, 100)
+    resumed.load_state_dict(scheduler.state_dict())
+    assert resumed.last_epoch == 100
+    _, cosine, _ = learning_rates(["--lr_scheduler_type", "cosine"], 100)
+    assert cosine[0] == peak and cosine[50] == pytest.approx(peak / 2) and cosine[-1] < peak / 1000
+
+    with pytest.raises(arguments.TrainingError, match="warmup_ratio needs lr_scheduler_type linear or cosine"):
+        learning_rates(["--warmup_ratio", "0.1"], 100)
+    with pytest.raises(arguments.TrainingError, match="warmup_ratio must be in"):
+        arguments.parse_args(["--config_name", str(TINY_CONFIG), "--warmup_ratio", "1.5"])
+
+
 def test_recipe_and_command_line_overrides(tmp_path):
     args = arguments.parse_args(["--config_name", str(TINY_CONFIG)])
     recipe = json.loads((TINY_CONFIG / "training_recipe.json").read_text())
