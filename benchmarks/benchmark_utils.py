@@ -45,7 +45,7 @@ VARIANT_NAMES = {
 
 def add_common_arguments(parser) -> None:
     parser.add_argument("--config", default=str(REAL_SIZE_CONFIG), help="SeraConfig folder (default: real size).")
-    parser.add_argument("--image-size", type=int, default=None, help="Override the config's input size.")
+    parser.add_argument("--image-size", type=int, default=None, help="Override the processor's input size.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--threads",
@@ -63,17 +63,23 @@ def setup_threads(device: str, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def load_config(config_path: str | Path, image_size: int | None = None, **overrides) -> SeraConfig:
-    config = SeraConfig.from_pretrained(config_path, **overrides)
-    if image_size is not None:
-        config.image_size = image_size
-    return config
+def load_config(config_path: str | Path, **overrides) -> SeraConfig:
+    return SeraConfig.from_pretrained(config_path, **overrides)
+
+
+def input_sizes(config_path: str | Path, image_size: int | None = None) -> tuple[int, int]:
+    """Letterbox side and tokens per expression of the folder's processor, where the sizes live (`image_size`
+    overrides the side). A folder without one (the real-size configs, whose processor training builds from the
+    encoders) gets the processor's defaults, which are the paper's: 448 and 17."""
+    path = Path(config_path) / "processor_config.json"
+    processor = json.loads(path.read_text()) if path.is_file() else {}
+    side = processor.get("image_processor", {}).get("size", {}).get("height", 448)
+    return image_size or side, processor.get("max_text_length", 17)
 
 
 def build_model(
     config_path: str | Path,
     variant: str,
-    image_size: int | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
@@ -81,7 +87,7 @@ def build_model(
 ) -> SeraForReferringSegmentation:
     """A randomly initialised model of one variant (random weights time exactly like trained ones)."""
     torch.manual_seed(seed)
-    config = load_config(config_path, image_size, **VARIANTS[variant], **overrides)
+    config = load_config(config_path, **VARIANTS[variant], **overrides)
     config._attn_implementation = "sdpa"
     if device == "meta":  # no memory, no initialisation: for counting FLOPs and memory
         with torch.device("meta"):
@@ -90,10 +96,18 @@ def build_model(
     return model.to(device=device, dtype=dtype)
 
 
-def make_inputs(config: SeraConfig, batch_size: int, device: str = "cpu", seed: int = 0, labels: bool = False):
-    """Random inputs shaped like SeraProcessor's output; expressions of varied length, so padding is masked."""
+def make_inputs(
+    config: SeraConfig,
+    sizes: tuple[int, int],
+    batch_size: int,
+    device: str = "cpu",
+    seed: int = 0,
+    labels: bool = False,
+):
+    """Random inputs shaped like SeraProcessor's output at `sizes` (`input_sizes`); expressions of varied length, so
+    padding is masked."""
     generator = torch.Generator().manual_seed(seed)
-    size, length = config.image_size, config.max_text_length
+    size, length = sizes
     vocab = config.text_config.vocab_size
     input_ids = torch.randint(2, vocab - 2, (batch_size, length), generator=generator)
     attention_mask = torch.zeros(batch_size, length, dtype=torch.long)

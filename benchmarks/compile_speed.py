@@ -16,6 +16,7 @@ import torch._inductor.config
 from benchmark_utils import (
     add_common_arguments,
     build_model,
+    input_sizes,
     interleaved_timing,
     log,
     machine_info,
@@ -71,8 +72,9 @@ def run(args) -> dict:
         # A cold compile, as a user's first run gets it: the on-disk caches of earlier runs would hide its cost.
         torch._inductor.config.force_disable_caches = True
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = build_model(args.config, "sera", args.image_size, args.device, dtype).eval()
-    inputs = make_inputs(model.config, args.batch_size, device=args.device)
+    model = build_model(args.config, "sera", args.device, dtype).eval()
+    sizes = input_sizes(args.config, args.image_size)
+    inputs = make_inputs(model.config, sizes, args.batch_size, device=args.device)
 
     # Restricting SDPA's backends (--sdpa-backends flash efficient) shows whether a slow compiled graph comes from
     # attention lowered to the unfused math path.
@@ -109,7 +111,7 @@ def run(args) -> dict:
         "top_ops": operators,
         "machine": machine_info(args.device),
         "config": args.config,
-        "image_size": model.config.image_size,
+        "image_size": sizes[0],
         "batch_size": args.batch_size,
         "dtype": str(dtype),
         "mode": args.mode,

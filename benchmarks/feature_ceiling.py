@@ -116,7 +116,9 @@ def train_and_score(arm: str, splits, processor, args) -> dict:
     config = SeraConfig.from_pretrained(TINY_CONFIG)
     perfect = None
     if arm == "perfect features":
-        perfect = PerfectPatchFeatures(config.image_size, config.vision_patch_size, config.vision_config.hidden_size)
+        perfect = PerfectPatchFeatures(
+            processor.image_size, config.vision_patch_size, config.vision_config.hidden_size
+        )
     model = build_head_model(perfect, args.config_overrides, freeze=arm != "fine-tuned tower")
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     decay_step = round(args.steps * 60 / 65)  # the default recipe's one x0.1 decay
@@ -147,7 +149,7 @@ def train_and_score(arm: str, splits, processor, args) -> dict:
             ).logits
             size = inputs["labels"].shape[-2:]
             probabilities = F.interpolate(logits.float().sigmoid(), size=size, mode="bilinear", align_corners=False)
-            predicted = probabilities[:, 0] > config.mask_threshold
+            predicted = probabilities[:, 0] > processor.mask_threshold
             truth = inputs["labels"] > 0.5
             intersection = (predicted & truth).flatten(1).sum(-1).float()
             union = (predicted | truth).flatten(1).sum(-1).clamp(min=1).float()

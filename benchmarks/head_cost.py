@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from benchmark_utils import (
     build_model,
+    input_sizes,
     interleaved_timing,
     log,
     machine_info,
@@ -51,7 +52,7 @@ def make_step(overrides: dict, batch_size: int):
     model.train()
     model.freeze_encoders()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    inputs = make_inputs(model.config, batch_size, labels=True)
+    inputs = make_inputs(model.config, input_sizes(TINY_CONFIG), batch_size, labels=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def step():

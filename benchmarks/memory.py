@@ -35,6 +35,7 @@ from benchmark_utils import (
     add_common_arguments,
     autocast_context,
     build_model,
+    input_sizes,
     load_config,
     log,
     machine_info,
@@ -113,13 +114,13 @@ def tensor_bytes(tensors) -> int:
     return sum(storages.values())
 
 
-def prepare(regime: str, config_path, image_size, device: str, meta_model=None):
+def prepare(regime: str, config_path, device: str, meta_model=None):
     if meta_model is not None:
         # Initialisers read values, which fake tensors cannot give: a model built on the meta device gets fake
         # storage on the CPU from the active FakeTensorMode instead.
         model = meta_model.to_empty(device="cpu")
     else:
-        model = build_model(config_path, "sera", image_size=image_size, device=device)
+        model = build_model(config_path, "sera", device=device)
     model.train()
     if regime in ("peft", "peft+checkpointing"):
         model.freeze_encoders()
@@ -152,18 +153,19 @@ def training_step(model, optimizer, inputs, device: str, dtype: torch.dtype, pha
 def measure_cpu(regime: str, args, batch_size: int, fake: bool, **overrides) -> dict:
     """Tensor memory of the second training step, on CPU tensors or (fake=True) on fake ones."""
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    real_inputs = make_inputs(load_config(args.config, args.image_size), batch_size, labels=True)
+    sizes = input_sizes(args.config, args.image_size)
+    real_inputs = make_inputs(load_config(args.config), sizes, batch_size, labels=True)
     if fake:
         # The text tower reads the mask's values to choose a fast path, which fake tensors cannot answer; the mask
         # changes no allocation size, so the counted step runs without it.
         real_inputs.pop("attention_mask")
     meta_model = None
     if fake:
-        meta_model = build_model(args.config, "sera", image_size=args.image_size, device="meta", **overrides)
+        meta_model = build_model(args.config, "sera", device="meta", **overrides)
     elif overrides:
         raise ValueError("Config overrides are only used for counting on fake tensors.")
     with fake_mode:
-        model, optimizer = prepare(regime, args.config, args.image_size, "cpu", meta_model)
+        model, optimizer = prepare(regime, args.config, "cpu", meta_model)
         inputs = {key: fake_mode.from_tensor(value) for key, value in real_inputs.items()} if fake else real_inputs
         tracker = TensorMemoryTracker()
         tracker.track(*model.parameters(), *model.buffers(), *inputs.values())
@@ -204,8 +206,10 @@ def measure_cuda(regime: str, args, batch_size: int) -> dict:
     # The regimes run one after another in this process: the last one's tensors must be gone before this peak.
     gc.collect()
     torch.cuda.empty_cache()
-    model, optimizer = prepare(regime, args.config, args.image_size, args.device)
-    inputs = make_inputs(model.config, batch_size, device=args.device, labels=True)
+    model, optimizer = prepare(regime, args.config, args.device)
+    inputs = make_inputs(
+        model.config, input_sizes(args.config, args.image_size), batch_size, device=args.device, labels=True
+    )
     training_step(model, optimizer, inputs, args.device, torch.bfloat16)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -241,8 +245,8 @@ def rss_child(regime: str, args) -> dict:
     Reads the high-water mark of this process's own memory map (VmHWM), reset just before the step when the kernel
     allows it (`/proc/self/clear_refs`). Not `ru_maxrss`: Linux carries that across `exec` from the parent.
     """
-    model, optimizer = prepare(regime, args.config, args.image_size, "cpu")
-    inputs = make_inputs(model.config, args.batch_size, labels=True)
+    model, optimizer = prepare(regime, args.config, "cpu")
+    inputs = make_inputs(model.config, input_sizes(args.config, args.image_size), args.batch_size, labels=True)
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # resets VmHWM to the current resident set

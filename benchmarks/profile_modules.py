@@ -23,6 +23,7 @@ from benchmark_utils import (
     VARIANTS,
     add_common_arguments,
     build_model,
+    input_sizes,
     log,
     machine_info,
     make_inputs,
@@ -130,8 +131,8 @@ class ModuleTimer(SelfCostByGroup):
 def flops_by_group(config_path, variant: str, image_size: int | None, batch_size: int) -> dict[str, float]:
     """Self FLOPs per group (like the times), counted on the meta device: no memory, no compute."""
     with torch.device("meta"):
-        model = build_model(config_path, variant, image_size=image_size, device="meta").eval()
-        inputs = make_inputs(model.config, batch_size, device="meta")
+        model = build_model(config_path, variant, device="meta").eval()
+        inputs = make_inputs(model.config, input_sizes(config_path, image_size), batch_size, device="meta")
     counter = FlopCounterMode(display=False, depth=100)
     with counter, torch.no_grad():
         # No attention_mask on meta: the text tower inspects the mask's values to pick a fast path.
@@ -153,11 +154,12 @@ def flops_by_group(config_path, variant: str, image_size: int | None, batch_size
 
 def profile(args) -> dict:
     setup_threads(args.device, args.threads)
-    model = build_model(args.config, args.variant, image_size=args.image_size, device=args.device).eval()
-    inputs = make_inputs(model.config, args.batch_size, device=args.device)
+    model = build_model(args.config, args.variant, device=args.device).eval()
+    sizes = input_sizes(args.config, args.image_size)
+    inputs = make_inputs(model.config, sizes, args.batch_size, device=args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model.to(dtype)
-    log(f"profile_modules: {args.variant}, batch {args.batch_size}, image {model.config.image_size}, {args.device}")
+    log(f"profile_modules: {args.variant}, batch {args.batch_size}, image {sizes[0]}, {args.device}")
 
     with torch.inference_mode():
         model(**inputs)  # warm-up
@@ -199,7 +201,7 @@ def profile(args) -> dict:
         "machine": machine_info(args.device),
         "variant": args.variant,
         "batch_size": args.batch_size,
-        "image_size": model.config.image_size,
+        "image_size": sizes[0],
         "dtype": str(dtype),
         "total_ms": 1e3 * total,
         "total_gflop": total_flops / 1e9,

@@ -23,6 +23,7 @@ from benchmark_utils import (
     add_common_arguments,
     build_model,
     encoders_forward,
+    input_sizes,
     interleaved_timing,
     log,
     machine_info,
@@ -41,8 +42,10 @@ def count_flops(
     """FLOPs of one forward (and backward, in the PEFT regime) of a variant, counted on the meta device; `overrides`
     change config fields."""
     model_variant = "baseline" if variant == "encoders" else variant
-    model = build_model(config_path, model_variant, image_size=image_size, device="meta", **overrides)
-    inputs = make_inputs(model.config, batch_size, device="meta", labels=backward)
+    model = build_model(config_path, model_variant, device="meta", **overrides)
+    inputs = make_inputs(
+        model.config, input_sizes(config_path, image_size), batch_size, device="meta", labels=backward
+    )
     # No attention_mask on meta: the text tower reads the mask's values to pick a fast path. The mask changes no FLOP
     # count (attention runs over the padded length either way).
     inputs.pop("attention_mask")
@@ -79,8 +82,8 @@ def alternatives_flops(config_path, image_size) -> dict[str, dict]:
     for name, overrides in ALTERNATIVES.items():
         flops = {}
         for variant in ("baseline", "sera"):
-            model = build_model(config_path, variant, image_size=image_size, device="meta", **overrides).eval()
-            inputs = make_inputs(model.config, 1, device="meta")
+            model = build_model(config_path, variant, device="meta", **overrides).eval()
+            inputs = make_inputs(model.config, input_sizes(config_path, image_size), 1, device="meta")
             inputs.pop("attention_mask")
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
@@ -103,13 +106,14 @@ def run(args) -> dict:
         if variant == "encoders":
             continue
         log(f"speed: building {variant}")
-        models[variant] = build_model(args.config, variant, args.image_size, args.device, dtype).eval()
+        models[variant] = build_model(args.config, variant, args.device, dtype).eval()
     config = models["baseline"].config
+    sizes = input_sizes(args.config, args.image_size)
 
     results = {
         "machine": machine_info(args.device),
         "config": args.config,
-        "image_size": config.image_size,
+        "image_size": sizes[0],
         "dtype": str(dtype),
         "variants": args.variants,
         "batches": {},
@@ -120,7 +124,7 @@ def run(args) -> dict:
 
     repeats = args.repeats * len(args.batch_sizes) if len(args.repeats) == 1 else args.repeats
     for batch_size, rounds in zip(args.batch_sizes, repeats):
-        inputs = make_inputs(config, batch_size, device=args.device)
+        inputs = make_inputs(config, sizes, batch_size, device=args.device)
         functions = {}
         for variant in args.variants:
             if variant == "encoders":

@@ -25,6 +25,7 @@ from benchmark_utils import (
     add_common_arguments,
     autocast_context,
     build_model,
+    input_sizes,
     interleaved_timing,
     log,
     machine_info,
@@ -72,12 +73,13 @@ def run(args) -> dict:
     on_gpu = args.device.startswith("cuda")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     functions, models = {}, {}
+    sizes = input_sizes(args.config, args.image_size)
     for variant in ("baseline", "sera"):
         log(f"training throughput: building {variant} (PEFT regime)")
-        model = build_model(args.config, variant, args.image_size, args.device).train()
+        model = build_model(args.config, variant, args.device).train()
         model.freeze_encoders()
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        inputs = make_inputs(model.config, args.batch_size, device=args.device, labels=True)
+        inputs = make_inputs(model.config, sizes, args.batch_size, device=args.device, labels=True)
         functions[variant] = make_step(model, optimizer, inputs, args.device, dtype)
         models[variant] = model
     gemm, gemm_flops = gemm_rate_function(args.device)
@@ -88,7 +90,7 @@ def run(args) -> dict:
     log(f"training throughput: batch {args.batch_size}, {args.repeats} interleaved rounds")
     seconds = interleaved_timing(functions, args.repeats, args.warmup, args.device, log=log)
     summary = ratio_summary(seconds, "baseline")
-    image_size = models["sera"].config.image_size
+    image_size = sizes[0]
 
     flops = {
         variant: count_flops(args.config, args.image_size, variant, backward=True) for variant in ("baseline", "sera")

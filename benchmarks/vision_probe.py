@@ -60,7 +60,7 @@ def object_centres(scene, image_size: int) -> np.ndarray:
 def collect(split: str, num_scenes: int, vision, processor, config) -> dict:
     """Level features per patch and per object, with their targets, for `num_scenes` scenes of `split`."""
     settings = SynthRefConfig().scene_settings()
-    patch_size, image_size = config.vision_patch_size, config.image_size
+    patch_size, image_size = config.vision_patch_size, processor.image_size
     levels = [0, *config.vision_feature_layers]
     patch_features = {level: [] for level in levels}
     object_features = {level: [] for level in levels}

@@ -12,16 +12,21 @@ logger = logging.get_logger(__name__)
 SUPPORTED_VISION_MODEL_TYPES = ("dinov2_with_registers", "dinov2", "clip_vision_model")
 SUPPORTED_TEXT_MODEL_TYPES = ("clip_text_model",)
 FUSION_NUM_EXPERTS = 4  # spatial, context, boundary, shape
+# SeraProcessor's settings (letterbox side, tokens per expression, mask threshold), which configs saved by earlier
+# versions also carried; loading such a config drops them, so the processor stays their one home.
+PROCESSOR_KEYS = ("image_size", "max_text_length", "mask_threshold")
 
 
 class SeraConfig(PreTrainedConfig):
     r"""
     Configuration of a SERA (Spatio-Semantic Expert Routing Architecture) referring segmentation model.
 
-    The defaults are the paper's real-size model: a DINOv2-B/14 with 4 registers at 448 px, a CLIP ViT-B/16 text
-    tower, SERA-Adapters in blocks 1, 3, 5, 7, 9, 11 and a SERA-Fusion with top-4 routing at every vision level.
+    The defaults are the paper's real-size model: a DINOv2-B/14 with 4 registers, a CLIP ViT-B/16 text tower,
+    SERA-Adapters in blocks 1, 3, 5, 7, 9, 11 and a SERA-Fusion with top-4 routing at every vision level.
     Settings the paper leaves open are marked *[ours]* below; each is a field so that the paper's ablations can be
-    reproduced by switching it.
+    reproduced by switching it. What the inputs look like (the 448 px letterbox, tokens per expression) and the mask
+    threshold are [`SeraProcessor`]'s settings, not the config's: the model takes any multiple of the patch size and
+    any expression length up to the text tower's `max_position_embeddings`.
 
     Args:
         vision_config (`dict` or `PreTrainedConfig`, *optional*):
@@ -107,12 +112,6 @@ class SeraConfig(PreTrainedConfig):
             How much the projector upsamples the decoder's grid before the dynamic kernel (1, 2 or 4; one bilinear x2
             and 3x3 conv-BN-ReLU per factor of 2). 4 is DETRIS's; *[ours]* a smaller factor for encoders whose grid
             is already fine relative to the objects, where the x4 map costs most of the head's FLOPs.
-        image_size (`int`, *optional*, defaults to 448):
-            Side of the square letterboxed input.
-        max_text_length (`int`, *optional*, defaults to 17):
-            Tokens per expression (22 for RefCOCOg-UMD).
-        mask_threshold (`float`, *optional*, defaults to 0.35):
-            Probability threshold of the predicted mask.
         dice_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of a soft Dice loss added to the mask BCE *[ours]*; 0 is the paper's BCE alone. Dice counts the
             referred object's pixels as much as the background's, which helps when objects cover a few percent of
@@ -182,13 +181,13 @@ class SeraConfig(PreTrainedConfig):
     projector_kernel_size: int = 3
     projector_upsample_factor: int = 4
 
-    image_size: int = 448
-    max_text_length: int = 17
-    mask_threshold: float = 0.35
     dice_loss_weight: float = 0.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        # Older configs also carried the processor's settings; SeraProcessor is their only home now.
+        for key in PROCESSOR_KEYS:
+            kwargs.pop(key, None)
         super().__post_init__(**kwargs)
         self.adapter_layers = [int(i) for i in self.adapter_layers]
         self.fusion_levels = [int(i) for i in self.fusion_levels]
@@ -208,10 +207,6 @@ class SeraConfig(PreTrainedConfig):
     def num_special_vision_tokens(self) -> int:
         """CLS plus register tokens that precede the patch tokens in the vision sequence."""
         return 1 + getattr(self.vision_config, "num_register_tokens", 0)
-
-    @property
-    def vision_grid_size(self) -> int:
-        return self.image_size // self.vision_patch_size
 
     def check_settings(self) -> None:
         """Raise a `ValueError` that names the offending setting when the configuration cannot be built."""
@@ -268,17 +263,6 @@ class SeraConfig(PreTrainedConfig):
             raise ValueError(f"adapter_num_heads={self.adapter_num_heads} must divide adapter_dim={self.adapter_dim}.")
         if self.hidden_size % self.decoder_num_heads:
             raise ValueError(f"decoder_num_heads={self.decoder_num_heads} must divide hidden_size={self.hidden_size}.")
-        if self.image_size % self.vision_patch_size:
-            raise ValueError(
-                f"image_size={self.image_size} must be a multiple of the vision patch size {self.vision_patch_size}."
-            )
-        if self.max_text_length > self.text_config.max_position_embeddings:
-            raise ValueError(
-                f"max_text_length={self.max_text_length} exceeds the text tower's "
-                f"max_position_embeddings={self.text_config.max_position_embeddings}."
-            )
-        if not 0.0 < self.mask_threshold < 1.0:
-            raise ValueError(f"mask_threshold={self.mask_threshold} must lie strictly between 0 and 1.")
         if self.projector_upsample_factor not in (1, 2, 4):
             raise ValueError(f"projector_upsample_factor={self.projector_upsample_factor} must be 1, 2 or 4.")
         if self.dice_loss_weight < 0:

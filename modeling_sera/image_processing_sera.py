@@ -172,6 +172,8 @@ class SeraImageProcessor(PilBackend):
             do_center_crop=self.do_center_crop,
             do_pad=self.do_pad,
         )
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold={self.mask_threshold} must lie strictly between 0 and 1.")
 
     @staticmethod
     def _check_letterbox_settings(size=None, do_resize=None, do_center_crop=None, do_pad=None, **kwargs):

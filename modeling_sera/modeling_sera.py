@@ -244,12 +244,19 @@ class SeraModel(SeraPreTrainedModel):
         if pixel_values.shape[-2] % patch or pixel_values.shape[-1] % patch:
             raise ValueError(
                 f"pixel_values height and width {tuple(pixel_values.shape[-2:])} must be multiples of the patch "
-                f"size {patch}; SeraProcessor letterboxes images to {self.config.image_size}."
+                f"size {patch}; SeraProcessor letterboxes images to a square of such a side."
             )
         if input_ids.ndim != 2 or input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
                 f"input_ids must have shape (batch, length) with the batch of pixel_values ({pixel_values.shape[0]}), "
                 f"got {tuple(input_ids.shape)}: give one expression per image."
+            )
+        # The processor sets the length (its max_text_length); the text tower's position table bounds it.
+        positions = self.config.text_config.max_position_embeddings
+        if input_ids.shape[1] > positions:
+            raise ValueError(
+                f"input_ids hold {input_ids.shape[1]} tokens but the text tower has {positions} positions "
+                f"(text_config.max_position_embeddings); use a SeraProcessor with max_text_length <= {positions}."
             )
 
     def _vision_levels(self, vision_outputs, grid_height: int, grid_width: int) -> list[torch.Tensor]:
@@ -470,12 +477,17 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
         vision_model_name_or_path: str,
         text_model_name_or_path: str,
         return_processor: bool = False,
+        image_size: int = 448,
+        max_text_length: int = 17,
+        mask_threshold: float = 0.35,
         **config_kwargs,
     ):
         """Assemble SERA around pretrained encoders (Hub ids or local folders); SERA's own modules start fresh.
 
         `config_kwargs` set any [`SeraConfig`] field. With `return_processor=True` also returns a [`SeraProcessor`]
-        made of the text model's tokenizer and the vision model's normalisation.
+        made of the text model's tokenizer and the vision model's normalisation, letterboxing to `image_size`,
+        tokenizing to `max_text_length` and thresholding masks at `mask_threshold` (the processor is these settings'
+        one home; they are checked against the encoders here either way).
         """
         vision_config = AutoConfig.from_pretrained(vision_model_name_or_path)
         if vision_config.model_type == "clip":
@@ -486,6 +498,9 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
             text_config.text_config.projection_dim = text_config.projection_dim
             text_config = text_config.text_config
         config = SeraConfig(vision_config=vision_config, text_config=text_config, **config_kwargs)
+        from .processing_sera import SeraProcessor, check_processor_fits
+
+        check_processor_fits(config, image_size, max_text_length)
         model = cls(config)
 
         vision = vision_model_class(vision_config.model_type).from_pretrained(vision_model_name_or_path)
@@ -495,14 +510,12 @@ class SeraForReferringSegmentation(SeraPreTrainedModel):
         logger.info(f"Loaded encoder weights from {vision_model_name_or_path} and {text_model_name_or_path}.")
         if not return_processor:
             return model
-        from .processing_sera import SeraProcessor
-
         processor = SeraProcessor.from_encoders(
             vision_model_name_or_path,
             text_model_name_or_path,
-            image_size=config.image_size,
-            max_text_length=config.max_text_length,
-            mask_threshold=config.mask_threshold,
+            image_size=image_size,
+            max_text_length=max_text_length,
+            mask_threshold=mask_threshold,
         )
         return model, processor
 

@@ -12,6 +12,20 @@ from .image_processing_sera import SeraImageProcessor
 logger = logging.get_logger(__name__)
 
 
+def check_processor_fits(config, image_size: int, max_text_length: int) -> None:
+    """Raise a one-line `ValueError` when a processor of these sizes makes inputs the model of `config` cannot take:
+    the letterbox side must be a multiple of the vision patch size, the expression no longer than the text tower's
+    position table. The sizes live in the processor and the architecture in the config; this is where they meet."""
+    patch = config.vision_patch_size
+    if image_size % patch:
+        raise ValueError(f"image_size={image_size} must be a multiple of the vision patch size {patch}.")
+    positions = config.text_config.max_position_embeddings
+    if max_text_length > positions:
+        raise ValueError(
+            f"max_text_length={max_text_length} exceeds the text tower's max_position_embeddings={positions}."
+        )
+
+
 class SeraProcessor(ProcessorMixin):
     r"""
     Wraps a [`SeraImageProcessor`] and a CLIP tokenizer into a single processor.
@@ -56,6 +70,17 @@ class SeraProcessor(ProcessorMixin):
     @mask_threshold.setter
     def mask_threshold(self, value: float) -> None:
         self.image_processor.mask_threshold = value
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square letterbox: a view on the image processor's `size`, where it lives."""
+        size = self.image_processor.size
+        return size["height"] if isinstance(size, dict) else size.height
+
+    def check_fits(self, config) -> None:
+        """Raise a one-line `ValueError` when this processor's inputs do not fit the model of `config` (a
+        [`SeraConfig`]); see `check_processor_fits`."""
+        check_processor_fits(config, self.image_size, self.max_text_length)
 
     @classmethod
     def from_encoders(
@@ -182,4 +207,4 @@ class SeraProcessor(ProcessorMixin):
         return self.image_processor.post_process_referring_segmentation(outputs, target_sizes, threshold=threshold)
 
 
-__all__ = ["SeraProcessor"]
+__all__ = ["SeraProcessor", "check_processor_fits"]

@@ -98,8 +98,12 @@ class RecipeArguments:
     max_eval_samples: int | None = field(
         default=None, metadata=_meta("cap on every split scored (validation and test)")
     )
+    # The processor's settings (their one home); the recipe may set them for the run.
     image_size: int | None = field(
         default=None, metadata=_meta("letterbox side (default: the processor's; the paper: 448)")
+    )
+    max_text_length: int | None = field(
+        default=None, metadata=_meta("tokens per expression (default: the processor's; the paper: 17, RefCOCOg 22)")
     )
     horizontal_flip_probability: float = field(
         default=0.0, metadata=_meta("flips that also swap left/right words; 0 = none (the paper)")

@@ -85,17 +85,18 @@ def describe_encoders(encoders: EncoderSource | None) -> str:
 
 
 def load_processor(args: SeraTrainingArguments, config: SeraConfig, encoders: EncoderSource | None) -> SeraProcessor:
-    """The config folder's processor (or the encoders'), at the recipe's image_size; the config follows it."""
+    """The config folder's processor (or one built from the encoders), at the recipe's ``image_size`` and
+    ``max_text_length`` when it gives them. The processor is the sizes' one home; it is checked against the config
+    here, where the two meet."""
     try:
         if (args.config_dir / "processor_config.json").is_file():
             processor = SeraProcessor.from_pretrained(args.config_dir)
         elif encoders is not None and encoders.file is None:
+            # The real-size folders ship no processor: the encoders give the tokenizer and normalisation, the
+            # recipe the sizes (the processor's defaults, 448 and 17, when it does not).
+            sizes = {"image_size": args.image_size, "max_text_length": args.max_text_length}
             processor = SeraProcessor.from_encoders(
-                encoders.vision,
-                encoders.text,
-                image_size=config.image_size,
-                max_text_length=config.max_text_length,
-                mask_threshold=config.mask_threshold,
+                encoders.vision, encoders.text, **{key: value for key, value in sizes.items() if value is not None}
             )
         else:
             raise TrainingError(
@@ -104,18 +105,13 @@ def load_processor(args: SeraTrainingArguments, config: SeraConfig, encoders: En
                 "recipe, or --encoder_weights with vision_encoder/ and text_encoder/), whose processor files are "
                 "then used."
             )
+        if args.image_size is not None:
+            processor.image_processor.size = {"height": args.image_size, "width": args.image_size}
+        if args.max_text_length is not None:
+            processor.max_text_length = args.max_text_length
+        processor.check_fits(config)
     except (OSError, ValueError) as error:
         raise TrainingError(f"Could not load the processor for {args.config_dir}: {error}") from error
-    if args.image_size is not None and args.image_size != config.image_size:
-        patch = config.vision_patch_size
-        if args.image_size % patch:
-            raise TrainingError(f"image_size {args.image_size} must be a multiple of the patch size {patch}.")
-        config.image_size = args.image_size
-        processor.image_processor.size = {"height": args.image_size, "width": args.image_size}
-    side = processor.image_processor.size
-    side = side["height"] if isinstance(side, dict) else side.height
-    if side != config.image_size:
-        raise TrainingError(f"The processor letterboxes to {side} but the config says image_size={config.image_size}.")
     return processor
 
 

@@ -43,13 +43,18 @@ def score_test_splits(accelerator, model, processor, test_data: dict, args: Sera
     return results_by_split
 
 
-def write_model_card(path: Path, model, args: SeraTrainingArguments, report: dict) -> None:
+def write_model_card(path: Path, model, processor, args: SeraTrainingArguments, report: dict) -> None:
     """The draft card of the trained folder, rendered like a published one (``model_card.build_model_card``)."""
     from sera_training.model_card import build_model_card
 
     reports = [report] if report["splits"] else []
     card = build_model_card(
-        model, repo_id=args.output_dir.name, recipe=recipe_of(args), reports=reports, training_summary=report["train"]
+        model,
+        processor,
+        repo_id=args.output_dir.name,
+        recipe=recipe_of(args),
+        reports=reports,
+        training_summary=report["train"],
     )
     card.save(path)
 
@@ -64,7 +69,7 @@ def write_model_folder(model, processor, args: SeraTrainingArguments, report: di
     processor.save_pretrained(export)
     (export / RECIPE_FILE).write_text(json.dumps(recipe_of(args), indent=2) + "\n")
     (export / "eval_results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    write_model_card(export / "README.md", model, args, report)
+    write_model_card(export / "README.md", model, processor, args, report)
     for path in sorted(export.iterdir(), key=lambda path: path.name == "config.json"):
         os.replace(path, args.output_dir / path.name)
     export.rmdir()

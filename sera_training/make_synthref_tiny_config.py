@@ -67,8 +67,6 @@ def tiny_config(tokenizer) -> SeraConfig:
         decoder_dropout=0.0,
         projector_dim=64,
         projector_upsample_factor=2,
-        image_size=IMAGE_SIZE,
-        max_text_length=MAX_TEXT_LENGTH,
         # Objects cover a few percent of a synthref image and the default run is short: BCE alone first learns to
         # predict background everywhere (validation mIoU 3.3 after 125 steps, 24.9 with Dice; BENCHMARKS.md).
         dice_loss_weight=1.0,
@@ -88,9 +86,12 @@ def main():
     longest = max(len(tokenizer(text)["input_ids"]) for text in corpus)
     print(f"tokenizer: {len(tokenizer)} tokens; longest corpus text {longest} tokens (limit {MAX_TEXT_LENGTH})")
     image_processor = SeraImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    # The sizes live in the processor only; the config holds the architecture they must fit.
     processor = SeraProcessor(image_processor, tokenizer, max_text_length=MAX_TEXT_LENGTH)
+    config = tiny_config(tokenizer)
+    processor.check_fits(config)
     processor.save_pretrained(args.output)
-    tiny_config(tokenizer).save_pretrained(args.output)
+    config.save_pretrained(args.output)
     # save_pretrained copies the remote-code files; a config folder keeps none, so they cannot go stale here.
     for copied in Path(args.output).glob("*.py"):
         copied.unlink()

@@ -128,7 +128,7 @@ def parameter_counts(model) -> tuple[int, int]:
     return sum(parameter.numel() for parameter in model.parameters()), trained
 
 
-def architecture_table(model) -> str:
+def architecture_table(model, processor) -> str:
     config = model.config
     vision, text = config.vision_config, config.text_config
     total, trained = parameter_counts(model)
@@ -151,8 +151,8 @@ def architecture_table(model) -> str:
         ("text encoder", f"{text.model_type}, {text.num_hidden_layers} layers, width {text.hidden_size}"),
         (
             "input",
-            f"{config.image_size} x {config.image_size} letterbox; expressions of up to "
-            f"{config.max_text_length} tokens",
+            f"{processor.image_size} x {processor.image_size} letterbox; expressions of up to "
+            f"{processor.max_text_length} tokens",
         ),
         ("SERA-Adapter", adapter),
         ("SERA-Fusion", fusion),
@@ -162,7 +162,7 @@ def architecture_table(model) -> str:
             f"{total / 1e6:.1f}M, of which {trained / 1e6:.1f}M trained (SERA's modules and the "
             "encoders' LayerNorm and bias terms)",
         ),
-        ("mask threshold", f"{config.mask_threshold}"),
+        ("mask threshold", f"{processor.mask_threshold}"),
     ]
     return "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
 
@@ -207,13 +207,15 @@ def training_data(recipe: dict | None) -> str:
 
 def build_model_card(
     model,
+    processor,
     repo_id: str,
     recipe: dict | None = None,
     reports: Sequence[dict] = (),
     training_summary: dict | None = None,
     template_path: str | os.PathLike = TEMPLATE_PATH,
 ) -> ModelCard:
-    """The card of `model` published as `repo_id`, trained with `recipe`, scored in `reports` (see `load_results`)."""
+    """The card of `model` (with its `processor`, which holds the input sizes) published as `repo_id`, trained with
+    `recipe`, scored in `reports` (see `load_results`)."""
     model_name = repo_id.split("/")[-1]
     recipe = public_recipe(recipe) if recipe else None
     base_models = [
@@ -239,10 +241,10 @@ def build_model_card(
         repo_id=repo_id,
         model_title=model_name,
         training_data=training_data(recipe),
-        architecture_table=architecture_table(model),
+        architecture_table=architecture_table(model, processor),
         training_section=training_section(recipe, training_summary),
         results_sections=results.strip(),
-        image_size=model.config.image_size,
-        max_text_length=model.config.max_text_length,
+        image_size=processor.image_size,
+        max_text_length=processor.max_text_length,
         synthetic_only=bool(recipe) and recipe.get("dataset") == SYNTHETIC_NAME,
     )

@@ -216,7 +216,8 @@ def pretrain_text_encoder(
     source = config_path / "text_encoder"
     text_model = CLIPTextModelWithProjection.from_pretrained(source)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    max_length = json.loads((config_path / "config.json").read_text()).get("max_text_length", 16)
+    # The processor is where the expression length lives.
+    max_length = json.loads((config_path / "processor_config.json").read_text()).get("max_text_length", 16)
     model = TextPretrainingModel(text_model).train()
     before = evaluate(model, tokenizer, max_length)
     log(f"before: {before['twin_cosine_mean']:.3f} mean twin cosine, {before['twins_over_0.9']:.3f} over 0.9")

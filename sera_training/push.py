@@ -132,7 +132,7 @@ def write_repository(model, processor, repo_id: str, folder: Path, reports, reci
     folder.mkdir(parents=True, exist_ok=True)
     # Saving through the pipeline adds its code and its config.json entry to the model's and processor's files.
     ReferringImageSegmentationPipeline(model=model, processor=processor, device="cpu").save_pretrained(folder)
-    card = build_model_card(model, repo_id, recipe=recipe, reports=reports, training_summary=summary)
+    card = build_model_card(model, processor, repo_id, recipe=recipe, reports=reports, training_summary=summary)
     card.save(folder / "README.md")
     if recipe is not None:
         (folder / RECIPE_FILE).write_text(json.dumps(public_recipe(recipe), indent=2) + "\n", encoding="utf-8")

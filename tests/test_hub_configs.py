@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from modeling_sera import SeraConfig
+from modeling_sera import SeraConfig, SeraProcessor
 from tests.helpers import REPO_ROOT
 
 
@@ -38,9 +38,11 @@ def test_paper_checkpoints_follow_the_paper(name):
     config = json.loads((HUB_CONFIGS / name / "config.json").read_text())
     recipe = json.loads((HUB_CONFIGS / name / "training_recipe.json").read_text())
     reference = json.loads((HUB_CONFIGS / "sera-refcoco" / "config.json").read_text())
-    # The same real-size model; only the expression length differs.
-    assert {**config, "max_text_length": 17} == reference
-    assert config["max_text_length"] == max_text_length and config["image_size"] == recipe["image_size"] == 448
+    # The same real-size model; only the expression length differs, which is a processor setting, so the recipe
+    # gives it (with the letterbox side) to the processor that training builds from the encoders.
+    assert config == reference
+    assert not {"image_size", "max_text_length", "mask_threshold"} & set(config)
+    assert recipe["max_text_length"] == max_text_length and recipe["image_size"] == 448
     assert recipe["dataset"].startswith("refer:") and recipe["dataset"].endswith(":" + source)
     assert recipe["train_split"] == "train" and recipe["test_splits"] == reported_splits
     assert recipe["vision_model_name_or_path"] == "facebook/dinov2-with-registers-base"
@@ -52,3 +54,13 @@ def test_paper_checkpoints_follow_the_paper(name):
         assert recipe["final_weights"] == "last"  # val is the reported split: do not choose on it
     else:
         assert recipe["num_train_epochs"] == 65 and recipe["lr_milestones"] == [35, 55]
+
+
+def test_the_tiny_folder_keeps_the_sizes_in_its_processor_only():
+    folder = HUB_CONFIGS / "sera-synthref-tiny"
+    processor = SeraProcessor.from_pretrained(folder)
+    assert (processor.image_size, processor.max_text_length, processor.mask_threshold) == (128, 16, 0.35)
+    assert not {"image_size", "max_text_length", "mask_threshold"} & set(
+        json.loads((folder / "config.json").read_text())
+    )
+    processor.check_fits(SeraConfig.from_pretrained(folder))

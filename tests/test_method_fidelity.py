@@ -19,7 +19,7 @@ def test_a_level_is_the_hidden_state_after_that_many_blocks():
     torch.manual_seed(0)
     config = tiny_sera_config(vision_feature_layers=[1, 3, 4], use_sera_adapter=False, use_sera_fusion=False)
     model = SeraForReferringSegmentation(config).eval()
-    batch = tiny_batch(config=config)
+    batch = tiny_batch()
     captured = {}
 
     def keep_levels(module, args):
@@ -69,7 +69,7 @@ def test_the_old_order_is_kept_as_an_option_and_survives_save_and_load(tmp_path)
 def _routed(seed=0, **overrides):
     torch.manual_seed(seed)
     config = tiny_sera_config(**overrides)
-    return SeraForReferringSegmentation(config).train(), tiny_batch(4, config=config)
+    return SeraForReferringSegmentation(config).train(), tiny_batch(4)
 
 
 def test_sparse_only_noise_leaves_a_dense_router_deterministic_in_training():

@@ -50,7 +50,7 @@ def test_issue_quickstart_runs_on_images_of_any_mode_and_size(tiny_model_and_pro
     for mask in masks:
         mask[: mask.shape[0] // 2, : mask.shape[1] // 3] = True
     inputs = processor(images=images, text=EXPRESSIONS, masks=masks, return_tensors="pt")
-    size = model.config.image_size
+    size = processor.image_size  # the sizes' one home is the processor
     assert inputs["pixel_values"].shape == (4, 3, size, size)
     assert inputs["labels"].shape == (4, size, size)
     assert inputs["original_sizes"].tolist() == [[37, 91], [300, 20], [64, 64], [50, 70]]
@@ -196,6 +196,7 @@ def test_from_encoders_loads_pretrained_weights_and_builds_the_matching_processo
     # The processor uses the vision checkpoint's normalisation and the text checkpoint's tokenizer.
     assert list(processor.image_processor.image_mean) == [0.5, 0.4, 0.3]
     assert processor.image_processor.size["height"] == 64 and processor.max_text_length == 12
+    assert not hasattr(model.config, "image_size") and not hasattr(model.config, "max_text_length")
     inputs = processor(images=example_images()[:2], text=EXPRESSIONS[:2], return_tensors="pt")
     with torch.no_grad():
         outputs = model.eval()(**inputs)
@@ -206,3 +207,11 @@ def test_from_encoders_rejects_a_mismatched_checkpoint(pretrained_encoder_folder
     root, _, _ = pretrained_encoder_folders
     with pytest.raises(ValueError, match="adapter_layers \\[7\\] do not exist"):
         SeraForReferringSegmentation.from_encoders(str(root / "vision"), str(root / "clip"), adapter_layers=[7])
+    # Processor sizes the encoders cannot take: the patch is 8 pixels, the text tower has 20 positions.
+    fits = dict(adapter_layers=[1, 3], vision_feature_layers=[2, 3, 4])  # a config these encoders can take
+    with pytest.raises(ValueError, match="image_size=60 must be a multiple of the vision patch size 8"):
+        SeraForReferringSegmentation.from_encoders(str(root / "vision"), str(root / "clip"), image_size=60, **fits)
+    with pytest.raises(ValueError, match="max_text_length=30 exceeds the text tower's max_position_embeddings=20"):
+        SeraForReferringSegmentation.from_encoders(
+            str(root / "vision"), str(root / "clip"), max_text_length=30, **fits
+        )

@@ -6,7 +6,8 @@ import textwrap
 import pytest
 import torch
 
-from modeling_sera import SeraConfig, SeraForReferringSegmentation
+from modeling_sera import SeraConfig, SeraForReferringSegmentation, SeraImageProcessor
+from modeling_sera.processing_sera import check_processor_fits
 from modeling_sera.sera_fusion import (
     BOUNDARY_FILTERS,
     FUSION_EXPERT_NAMES,
@@ -31,7 +32,7 @@ def test_forward_shapes_and_router_outputs(tiny_config):
     batch = tiny_batch(3)
     with torch.no_grad():
         outputs = model(**batch, output_hidden_states=True)
-    grid = tiny_config.vision_grid_size
+    grid = TINY_IMAGE_SIZE // tiny_config.vision_patch_size
     assert outputs.logits.shape == (3, 1, 4 * grid, 4 * grid)
     assert outputs.loss is None
     assert len(outputs.adapter_router_weights) == len(tiny_config.adapter_layers)
@@ -219,15 +220,55 @@ def test_router_noise_only_in_training():
         (dict(vision_feature_layers=[2, 3]), "vision_feature_layers"),
         (dict(vision_feature_layers=[3, 2, 4]), "vision_feature_layers"),
         (dict(fusion_levels=[3]), "fusion_levels"),
-        (dict(image_size=30), "multiple of the vision patch size"),
-        (dict(max_text_length=40), "max_position_embeddings"),
-        (dict(mask_threshold=1.5), "mask_threshold"),
         (dict(vision_config=dict(model_type="vit")), "not supported"),
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_setting(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_sera_config(**overrides)
+
+
+# The sizes and the threshold are the processor's; where the processor meets the model, a misfit is one clear line.
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        (dict(image_size=30, max_text_length=8), "image_size=30 must be a multiple of the vision patch size 4"),
+        (dict(image_size=32, max_text_length=40), "max_text_length=40 exceeds .* max_position_embeddings=16"),
+    ],
+)
+def test_processor_sizes_that_do_not_fit_the_model_raise_value_error_naming_the_setting(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        check_processor_fits(tiny_sera_config(), **sizes)
+    check_processor_fits(tiny_sera_config(), image_size=32, max_text_length=16)
+
+
+def test_invalid_mask_threshold_raises_value_error_naming_the_setting():
+    with pytest.raises(ValueError, match="mask_threshold"):
+        SeraImageProcessor(mask_threshold=1.5)
+
+
+def test_expressions_longer_than_the_text_position_table_raise_one_clear_line():
+    model = build().eval()
+    batch = tiny_batch(2, length=20)  # the tiny text tower has 16 positions
+    with pytest.raises(ValueError, match=r"input_ids hold 20 tokens but the text tower has 16 positions") as error:
+        model(**batch)
+    assert "\n" not in str(error.value) and "max_text_length <= 16" in str(error.value)
+
+
+def test_a_config_saved_with_the_processor_s_settings_still_loads_and_drops_them(tmp_path):
+    # Configs written by earlier versions carried image_size, max_text_length and mask_threshold, whose one home is
+    # the processor now: they load, the keys are dropped, and saving writes them no more.
+    saved = tiny_sera_config().to_dict()
+    saved.update(image_size=64, max_text_length=12, mask_threshold=0.4)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = SeraConfig.from_pretrained(tmp_path)
+    for key in ("image_size", "max_text_length", "mask_threshold"):
+        assert not hasattr(config, key), key
+    assert config.to_dict() == tiny_sera_config().to_dict() | {"transformers_version": config.transformers_version}
+    config.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert not {"image_size", "max_text_length", "mask_threshold"} & set(resaved)
+    assert SeraConfig(image_size=64).to_dict() == SeraConfig().to_dict()
 
 
 def test_disabled_modules_skip_validation_of_their_settings():
@@ -261,7 +302,9 @@ def test_default_config_is_the_papers_real_size_model():
     assert config.vision_config.model_type == "dinov2_with_registers"
     assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (768, 12)
     assert (config.vision_config.patch_size, config.vision_config.num_register_tokens) == (14, 4)
-    assert config.image_size == 448 and config.vision_grid_size == 32
+    # The input size is the processor's: the paper's 448 px letterbox gives the 32x32 grid of its DINOv2-B/14.
+    assert SeraImageProcessor().size.height // config.vision_patch_size == 32
+    assert not hasattr(config, "image_size") and not hasattr(config, "max_text_length")
     assert (config.text_config.hidden_size, config.text_config.projection_dim) == (512, 512)
     assert config.adapter_layers == [1, 3, 5, 7, 9, 11] and config.fusion_top_k == 4
     assert SeraConfig.from_pretrained(REPO_ROOT / "hub_configs" / "sera-refcoco").to_dict()["adapter_dim"] == 128
@@ -516,7 +559,7 @@ def test_tiny_model_overfits_four_samples_in_the_papers_regime():
 def masks_iou(model, batch, masks) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        predicted = model(**batch).logits.sigmoid()[:, 0] > model.config.mask_threshold
+        predicted = model(**batch).logits.sigmoid()[:, 0] > SeraImageProcessor.mask_threshold
     target = masks > 0.5
     return (predicted & target).sum((1, 2)).float() / (predicted | target).sum((1, 2)).float()
 
@@ -588,11 +631,11 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(use_reen
 def test_projector_upsample_factor_sets_the_logits_grid_and_keeps_detris_layout_at_4(factor):
     config = tiny_sera_config(projector_upsample_factor=factor)
     model = SeraForReferringSegmentation(config).eval()
-    batch = tiny_batch(config=config)
-    labels = torch.zeros(2, config.image_size, config.image_size)
+    batch = tiny_batch()
+    labels = torch.zeros(2, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     labels[:, :4, :4] = 1
     outputs = model(**batch, labels=labels)
-    grid = config.image_size // config.vision_patch_size
+    grid = TINY_IMAGE_SIZE // config.vision_patch_size
     assert outputs.logits.shape == (2, 1, grid * factor, grid * factor)
     assert torch.isfinite(outputs.loss)
     convs = [

@@ -141,18 +141,25 @@ def test_pretraining_writes_encoders_that_sera_accepts(tmp_path):
     vision = Dinov2WithRegistersModel.from_pretrained(output / "vision_encoder")
     text = CLIPTextModelWithProjection.from_pretrained(output / "text_encoder")
     tiny = SeraConfig.from_pretrained(DEFAULT_CONFIG)
+    tiny_processor = SeraProcessor.from_pretrained(DEFAULT_CONFIG)  # the sizes live in the processor
     assert vision.config.hidden_size == tiny.vision_config.hidden_size
     assert text.config.projection_dim == tiny.text_config.projection_dim
 
     model, processor = SeraForReferringSegmentation.from_encoders(
-        str(output / "vision_encoder"), str(output / "text_encoder"), return_processor=True, **sera_settings()
+        str(output / "vision_encoder"),
+        str(output / "text_encoder"),
+        return_processor=True,
+        image_size=tiny_processor.image_size,
+        max_text_length=tiny_processor.max_text_length,
+        **sera_settings(),
     )
     torch.testing.assert_close(
         model.model.vision_model.embeddings.patch_embeddings.projection.weight,
         vision.embeddings.patch_embeddings.projection.weight,
     )
     torch.testing.assert_close(model.model.text_model.text_projection.weight, text.text_projection.weight)
-    assert processor.max_text_length == tiny.max_text_length
+    assert processor.max_text_length == tiny_processor.max_text_length
+    assert processor.image_size == tiny_processor.image_size
     inputs = processor(images=[np.zeros((40, 60, 3), dtype=np.uint8)], text=["the red circle"])
     with torch.no_grad():
         assert model(**inputs).logits.shape[0] == 1

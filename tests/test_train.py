@@ -198,6 +198,32 @@ def test_config_overrides_give_the_papers_ablation_rows():
         builders.load_model_config(args)
 
 
+def test_the_processor_holds_the_sizes_and_the_recipe_sets_them(tmp_path):
+    def processor_for(*flags, config_name=TINY_CONFIG):
+        args = arguments.parse_args(["--config_name", str(config_name), *flags])
+        config = builders.load_model_config(args)
+        return builders.load_processor(args, config, builders.find_encoders(args)), config
+
+    processor, config = processor_for()
+    assert (processor.image_size, processor.max_text_length) == (128, 16)
+    assert not hasattr(config, "image_size") and not hasattr(config, "max_text_length")
+    processor, _ = processor_for("--image_size", "64", "--max_text_length", "12")
+    assert (processor.image_size, processor.max_text_length) == (64, 12)
+    # Where the processor meets the config, a misfit is one clear line (patch 8, 48 text positions).
+    with pytest.raises(arguments.TrainingError, match="image_size=60 must be a multiple of the vision patch size 8"):
+        processor_for("--image_size", "60")
+    with pytest.raises(arguments.TrainingError, match="max_text_length=60 exceeds .* max_position_embeddings=48"):
+        processor_for("--max_text_length", "60")
+    # A folder without a processor (the real-size ones): built from the encoders, at the recipe's sizes.
+    folder = tmp_path / "no-processor"
+    folder.mkdir()
+    (folder / "config.json").write_text((TINY_CONFIG / "config.json").read_text())
+    (folder / "training_recipe.json").write_text(json.dumps({"image_size": 96, "max_text_length": 12}))
+    encoders = ["--encoder_weights", str(TINY_CONFIG)]
+    processor, _ = processor_for(*encoders, config_name=folder)
+    assert (processor.image_size, processor.max_text_length, processor.mask_threshold) == (96, 12, 0.35)
+
+
 def test_paper_recipe_files():
     for name in ("sera-synthref-tiny", "sera-refcoco"):
         recipe = json.loads((REPO_ROOT / "hub_configs" / name / "training_recipe.json").read_text())

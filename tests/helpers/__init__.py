@@ -5,7 +5,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from tests.helpers.tiny_models import TINY_IMAGE_SIZE, TINY_TEXT_VOCAB, tiny_batch, tiny_sera_config
+from tests.helpers.tiny_models import TINY_IMAGE_SIZE, TINY_TEXT_LENGTH, TINY_TEXT_VOCAB, tiny_batch, tiny_sera_config
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +29,7 @@ __all__ = [
     "REPO_ROOT",
     "TINY_HUB_CONFIG",
     "TINY_IMAGE_SIZE",
+    "TINY_TEXT_LENGTH",
     "TINY_TEXT_VOCAB",
     "load_script",
     "tiny_batch",

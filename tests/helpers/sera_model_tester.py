@@ -26,15 +26,15 @@ from .test_modeling_common import ModelTesterMixin
 MODEL_MAPPING_NAMES.setdefault("sera", "SeraModel")
 
 
-def _tiny_sera_config():
-    """The suite's tiny configuration (tests/helpers/tiny_models.py, whose folder the runner passes in
-    SERA_TESTS_DIR)."""
+def _tiny_models():
+    """The suite's tiny configuration and input sizes (tests/helpers/tiny_models.py, whose folder the runner passes
+    in SERA_TESTS_DIR)."""
     spec = importlib.util.spec_from_file_location(
         "sera_tests_tiny_models", os.path.join(os.environ["SERA_TESTS_DIR"], "tiny_models.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.tiny_sera_config, module.TINY_TEXT_VOCAB
+    return module
 
 
 class SeraModelTester:
@@ -42,14 +42,17 @@ class SeraModelTester:
         self.parent = parent
         self.batch_size = batch_size
         self.is_training = is_training
-        self.make_config, self.vocab_size = _tiny_sera_config()
+        tiny_models = _tiny_models()
+        self.make_config, self.vocab_size = tiny_models.tiny_sera_config, tiny_models.TINY_TEXT_VOCAB
         config = self.get_config()
-        self.image_size = config.image_size
-        self.seq_length = config.max_text_length
+        # The input sizes are the processor's (here: what the tiny processor would make), not the config's.
+        self.image_size = tiny_models.TINY_IMAGE_SIZE
+        self.seq_length = tiny_models.TINY_TEXT_LENGTH
         # `hidden_states` are the vision tower's: its width, its depth, and one token per patch plus CLS and registers.
         self.hidden_size = config.vision_config.hidden_size
         self.num_hidden_layers = config.vision_config.num_hidden_layers
-        self.encoder_seq_length = config.num_special_vision_tokens + config.vision_grid_size**2
+        grid = self.image_size // config.vision_patch_size
+        self.encoder_seq_length = config.num_special_vision_tokens + grid**2
 
     def get_config(self):
         # The suite's tiny SERA with a 2-block vision tower (the mixin wants at most 2 layers per tower): an adapter

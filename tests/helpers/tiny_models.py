@@ -8,7 +8,9 @@ import torch
 
 
 TINY_TEXT_VOCAB = 64
+# The inputs the tiny model is tested at: a processor setting (letterbox side, tokens per expression), not a config one.
 TINY_IMAGE_SIZE = 32
+TINY_TEXT_LENGTH = 8
 
 
 def tiny_sera_config(**overrides):
@@ -52,18 +54,16 @@ def tiny_sera_config(**overrides):
         decoder_intermediate_size=64,
         decoder_dropout=0.0,
         projector_dim=16,
-        image_size=TINY_IMAGE_SIZE,
-        max_text_length=8,
     )
     settings.update(overrides)
     return SeraConfig(**settings)
 
 
-def tiny_batch(batch_size: int = 2, seed: int = 0, config=None):
-    """Random pixel values and token ids shaped like SeraProcessor's output (BOS ... EOS, then padding)."""
+def tiny_batch(batch_size: int = 2, seed: int = 0, image_size: int = TINY_IMAGE_SIZE, length: int = TINY_TEXT_LENGTH):
+    """Random pixel values and token ids shaped like SeraProcessor's output (BOS ... EOS, then padding), at the
+    processor's sizes `image_size` and `length`."""
     generator = torch.Generator().manual_seed(seed)
-    size = config.image_size if config is not None else TINY_IMAGE_SIZE
-    length = config.max_text_length if config is not None else 8
+    size = image_size
     pixel_values = torch.randn(batch_size, 3, size, size, generator=generator)
     input_ids = torch.randint(2, TINY_TEXT_VOCAB, (batch_size, length), generator=generator)
     attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
