@@ -306,6 +306,8 @@ def check_settings(args: SeraTrainingArguments) -> None:
         raise TrainingError(f"lr_scheduler_type must be multistep, linear or cosine, got {args.lr_scheduler_type!r}.")
     if not 0.0 <= args.warmup_ratio < 1.0:
         raise TrainingError(f"warmup_ratio must be in [0, 1), got {args.warmup_ratio}.")
+    if args.warmup_ratio and args.lr_scheduler_type == "multistep":
+        raise TrainingError("warmup_ratio needs lr_scheduler_type linear or cosine; the paper's step decay has none.")
     if sorted(args.lr_milestones) != list(args.lr_milestones):
         raise TrainingError(f"lr_milestones must be increasing, got {args.lr_milestones}.")
     if args.final_weights not in ("best", "last"):

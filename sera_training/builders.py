@@ -227,11 +227,16 @@ def milestone_steps(args: SeraTrainingArguments, total_steps: int) -> list[int]:
     return [max(1, round(milestone * total_steps / args.num_train_epochs)) for milestone in args.lr_milestones]
 
 
+def warmup_steps(args: SeraTrainingArguments, total_steps: int) -> int:
+    """The optimizer steps of the linear warm-up (``linear`` and ``cosine`` schedules only)."""
+    return round(args.warmup_ratio * total_steps)
+
+
 def describe_lr_schedule(args: SeraTrainingArguments, total_steps: int) -> str:
     """The schedule in a few words, for the run's log."""
     if args.lr_scheduler_type == "multistep":
         return f"x{args.lr_gamma} at steps {milestone_steps(args, total_steps)}"
-    return f"{args.lr_scheduler_type} to 0 after {round(args.warmup_ratio * total_steps)} warm-up steps"
+    return f"{args.lr_scheduler_type} to 0 after {warmup_steps(args, total_steps)} warm-up steps"
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, args: SeraTrainingArguments, total_steps: int):
@@ -244,13 +249,13 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, args: SeraTrainingArgum
     number of processes. ``optimizer`` may be accelerate's wrapper; the schedule drives the torch optimizer inside.
     """
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)
-    warmup_steps = round(args.warmup_ratio * total_steps)
     if args.lr_scheduler_type != "multistep":
         return get_scheduler(
-            args.lr_scheduler_type, torch_optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps
+            args.lr_scheduler_type,
+            torch_optimizer,
+            num_warmup_steps=warmup_steps(args, total_steps),
+            num_training_steps=total_steps,
         )
-    if warmup_steps:
-        raise TrainingError("warmup_ratio needs lr_scheduler_type linear or cosine; the paper's step decay has none.")
     return torch.optim.lr_scheduler.MultiStepLR(
         torch_optimizer, milestones=milestone_steps(args, total_steps), gamma=args.lr_gamma
     )
